@@ -1,0 +1,240 @@
+"""The model-adapter interface: what the tracing layer and analyses need to know about a model.
+
+An adapter answers: where the decoder layers are, ``d_model`` and ``n_layers``, how to turn
+requests (an instruction, plus an image for a VLA) into model inputs with a role for every
+decoder position, and how to run one decode step with a KV cache. Chat LMs use one generic
+adapter (:class:`rdt_interp.models.chat.ChatModel`); a VLA family is one adapter module.
+Probes, captures, interventions and metrics take an adapter, never a model-specific object.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from rdt_interp.roles import Role
+
+PaddingSide = Literal["left", "right"]
+
+
+@dataclass
+class EncodedBatch:
+    """Inputs for one batch, and the role of every position the decoder layers see.
+
+    ``roles``, ``attention_mask`` and ``position_ids`` are over decoder positions: for a VLA
+    these include the image patches inserted after BOS, so they can be longer than
+    ``inputs["input_ids"]``.
+    """
+
+    inputs: dict[str, Tensor]
+    roles: Int[Tensor, "batch seq"]
+    attention_mask: Int[Tensor, "batch seq"]
+    position_ids: Int[Tensor, "batch seq"]
+    texts: list[str] = field(default_factory=list)
+    padding_side: PaddingSide = "left"
+
+    def __len__(self) -> int:
+        return int(self.roles.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.roles.shape[1])
+
+    def to(self, device: torch.device | str) -> EncodedBatch:
+        return replace(
+            self,
+            inputs={k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.inputs.items()},
+            roles=self.roles.to(device),
+            attention_mask=self.attention_mask.to(device),
+            position_ids=self.position_ids.to(device),
+        )
+
+
+def position_ids_from_mask(mask: Int[Tensor, "batch seq"]) -> Int[Tensor, "batch seq"]:
+    """Positions that ignore padding: the first real token of every row is position 0."""
+    pos = mask.long().cumsum(dim=1) - 1
+    return pos.clamp(min=0)
+
+
+def pad_sequences(
+    seqs: Sequence[Sequence[int]],
+    roles: Sequence[Sequence[int]],
+    pad_id: int,
+    side: PaddingSide,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pad token ids and roles to one length; returns ``(ids, roles, attention_mask)``."""
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    rl = torch.full((len(seqs), n), int(Role.PAD), dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, (s, r) in enumerate(zip(seqs, roles, strict=True)):
+        sl = slice(n - len(s), n) if side == "left" else slice(0, len(s))
+        ids[i, sl] = torch.tensor(list(s), dtype=torch.long)
+        rl[i, sl] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, rl, mask
+
+
+class ModelAdapter(abc.ABC):
+    """Uniform access to a decoder-only model (a chat LM or a VLA's LLM backbone)."""
+
+    #: registry name or path the model came from
+    name: str
+    #: the module that is called with ``**batch.inputs`` (what nnsight wraps)
+    model: nn.Module
+    #: role given to tokens fed back during decoding
+    generated_role: Role = Role.GENERATED
+    #: True when the weights are random (tests, benchmarks): shown in every output
+    random_weights: bool = False
+
+    # -- structure -----------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def layers(self) -> nn.ModuleList:
+        """The decoder layers, in order."""
+
+    @property
+    @abc.abstractmethod
+    def layers_path(self) -> str:
+        """Dotted path of :attr:`layers` inside :attr:`model` (for nnsight envoys)."""
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    @abc.abstractmethod
+    def d_model(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def final_norm(self) -> nn.Module: ...
+
+    @property
+    @abc.abstractmethod
+    def lm_head(self) -> nn.Module: ...
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def attn_module(self, layer: int) -> nn.Module:
+        """The attention block of a decoder layer (its output is written into the residual)."""
+        return self.layers[layer].self_attn
+
+    def mlp_module(self, layer: int) -> nn.Module:
+        return self.layers[layer].mlp
+
+    # -- inputs --------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def encode(self, requests: Sequence[Any], *, padding_side: PaddingSide = "left") -> EncodedBatch:
+        """Tokenize requests into one padded batch with roles over decoder positions."""
+
+    def prefill_kwargs(self, batch: EncodedBatch, *, use_cache: bool) -> dict[str, Any]:
+        """Keyword arguments for ``model(**kw)`` that run the prompt."""
+        return {**batch.inputs, "use_cache": use_cache}
+
+    def step_kwargs(
+        self,
+        token_ids: Int[Tensor, "batch 1"],
+        past_key_values: Any,
+        attention_mask: Int[Tensor, "batch seq"],
+        position_ids: Int[Tensor, "batch 1"],
+    ) -> dict[str, Any]:
+        """Keyword arguments for ``model(**kw)`` that run one decode step on a KV cache."""
+        return {
+            "input_ids": token_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "past_key_values": past_key_values,
+            "use_cache": True,
+        }
+
+    def logits_of(self, output: Any) -> Float[Tensor, "batch seq vocab"]:
+        return output.logits
+
+    def cache_of(self, output: Any) -> Any:
+        return output.past_key_values
+
+    #: token ids generation may choose from (``None``: the whole vocabulary)
+    def allowed_token_ids(self) -> Tensor | None:
+        return None
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return None
+
+    # -- identity ------------------------------------------------------------------------------
+    def digest(self) -> str:
+        """Content digest of the weights (names, shapes and a sample of values), cached."""
+        cached = getattr(self, "_digest", None)
+        if cached is None:
+            cached = model_digest(self.model)
+            self._digest = cached
+        return cached
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "class": type(self.model).__name__,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "random_weights": self.random_weights,
+            "digest": self.digest(),
+        }
+
+
+def model_digest(model: nn.Module, sample: int = 64) -> str:
+    """Digest over every tensor's name, shape, dtype and its first/last ``sample`` values.
+
+    Cheap for a 7B model (no full pass over the weights) yet changes with any retraining or
+    re-initialisation, which is what activation caches need to key on.
+    """
+    h = hashlib.sha256()
+    for name, t in list(model.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        if flat.numel():
+            head = flat[:sample].float().cpu()
+            tail = flat[-sample:].float().cpu()
+            h.update(head.numpy().tobytes())
+            h.update(tail.numpy().tobytes())
+    return h.hexdigest()
+
+
+def find_decoder_layers(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
+    """Locate the decoder ``ModuleList`` of a HF causal LM (``model.layers`` and friends)."""
+    for path in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
+                 "model.decoder.layers"):
+        mod: Any = model
+        try:
+            for part in path.split("."):
+                mod = getattr(mod, part)
+        except AttributeError:
+            continue
+        if isinstance(mod, nn.ModuleList) and len(mod) == n_layers:
+            return path, mod
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n_layers:
+            return name, mod
+    raise TypeError(f"could not find {n_layers} decoder layers in {type(model).__name__}")
+
+
+def get_submodule(root: Any, path: str) -> Any:
+    """``getattr`` along a dotted path; integer parts index (works on modules and nnsight envoys)."""
+    obj = root
+    for part in path.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj

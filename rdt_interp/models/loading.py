@@ -1,0 +1,141 @@
+"""``load_chat_model``: one entry point for registry names, local directories and hub ids."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rdt_interp.errors import CheckpointError
+from rdt_interp.models.chat import ChatModel
+from rdt_interp.models.offline import OFFLINE_MODELS, ensure_dequantized
+from rdt_interp.models.registry import REGISTRY, lookup
+from rdt_interp.models.tiny import build_tiny
+
+
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        out = getattr(torch, str(dtype).replace("torch.", ""))
+    except AttributeError:
+        out = None
+    if not isinstance(out, torch.dtype):
+        raise CheckpointError(f"unknown dtype {dtype!r}", fix="use float32, bfloat16 or float16")
+    return out
+
+
+def _check_causal_lm_dir(path: Path) -> dict[str, Any]:
+    cfg_path = path / "config.json"
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist",
+                              fix="pass a directory that holds config.json and the weights")
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path} has no config.json: not a Hugging Face checkpoint",
+                              fix="point at the directory that holds config.json")
+    cfg = json.loads(cfg_path.read_text())
+    archs = cfg.get("architectures") or []
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if cfg.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (
+        archs and not any(a in causal for a in archs)
+    ):
+        raise CheckpointError(
+            f"{path} is not a causal LM checkpoint (model_type={cfg.get('model_type')!r}, "
+            f"architectures={archs})",
+            fix="for OpenVLA use rdt_interp.models.openvla.load_openvla; for a chat model, "
+            "point at a *ForCausalLM checkpoint",
+        )
+    weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
+    if not weights:
+        raise CheckpointError(f"{path} has a config but no weight files (*.safetensors / *.bin)")
+    return cfg
+
+
+def load_chat_model(
+    source: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    device_map: str | dict[str, Any] | None = None,
+    system_prompt: str | None = None,
+    seed: int = 0,
+    local_files_only: bool | None = None,
+) -> ChatModel:
+    """Load a chat LM and wrap it in a :class:`ChatModel`.
+
+    ``source`` is a registry name (``rdt_interp.models.registry.REGISTRY``), a local checkpoint
+    directory, or a hub id (needs network unless it is in the local HF cache). ``device_map``
+    (e.g. ``"auto"``) spreads a model over several GPUs and overrides ``device``.
+    """
+    dt = _dtype(dtype)
+    name = str(source)
+    if name in REGISTRY:
+        entry = lookup(name)
+        if entry.kind == "tiny":
+            model, tok = build_tiny(name, seed=seed, dtype=dt)
+            return ChatModel(model.to(device), tok, name=name, system_prompt=system_prompt,
+                             random_weights=True)
+        if entry.kind == "offline-gguf":
+            path = ensure_dequantized(OFFLINE_MODELS[name])
+            return _load_dir(path, name=name, dtype=dt, device=device, device_map=device_map,
+                             system_prompt=system_prompt, chat_template=None)
+        local = os.environ.get(entry.dir_env or "")
+        target = Path(local) if local else entry.hub_id
+        if local:
+            _check_causal_lm_dir(Path(local))
+        return _load_dir(target, name=name, dtype=dt, device=device, device_map=device_map,
+                         system_prompt=system_prompt, chat_template=entry.chat_template,
+                         local_files_only=local_files_only)
+    path = Path(source).expanduser()
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    if path.exists() or not looks_like_hub_id:
+        _check_causal_lm_dir(path)  # raises a clear error for a missing directory
+        return _load_dir(path, name=path.name, dtype=dt, device=device, device_map=device_map,
+                         system_prompt=system_prompt, chat_template=None)
+    return _load_dir(name, name=name, dtype=dt, device=device, device_map=device_map,
+                     system_prompt=system_prompt, chat_template=None,
+                     local_files_only=local_files_only)
+
+
+def _load_dir(
+    target: str | Path | None,
+    *,
+    name: str,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    device_map: str | dict[str, Any] | None,
+    system_prompt: str | None,
+    chat_template: str | None,
+    local_files_only: bool | None = None,
+) -> ChatModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if target is None:
+        raise CheckpointError(f"no checkpoint location known for {name}")
+    kw: dict[str, Any] = {}
+    if local_files_only is not None:
+        kw["local_files_only"] = local_files_only
+    t0 = time.perf_counter()
+    try:
+        tok = AutoTokenizer.from_pretrained(target, **kw)
+        model = AutoModelForCausalLM.from_pretrained(
+            target, dtype=dtype, device_map=device_map, **kw
+        )
+    except OSError as exc:
+        raise CheckpointError(
+            f"could not load {target}: {exc}".splitlines()[0],
+            fix="download the checkpoint and pass its directory (or set the registry's env var, "
+            "e.g. RDT_INTERP_LLAMA2_CHAT_DIR for llama-2-7b-chat)",
+        ) from exc
+    if device_map is None:
+        model = model.to(device)
+    cm = ChatModel(model, tok, name=name, system_prompt=system_prompt, chat_template=(
+        chat_template if getattr(tok, "chat_template", None) is None else None))
+    cm.load_seconds = time.perf_counter() - t0
+    return cm

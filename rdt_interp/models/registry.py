@@ -1,0 +1,53 @@
+"""Named chat models: real checkpoints (hub id or local dir), offline GGUF models, tiny randoms."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rdt_interp.errors import UnknownNameError
+from rdt_interp.models.tiny import LLAMA2_CHAT_TEMPLATE
+
+Kind = Literal["hub", "offline-gguf", "tiny"]
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    name: str
+    kind: Kind
+    description: str
+    hub_id: str | None = None
+    #: environment variable that may point at a local checkpoint directory
+    dir_env: str | None = None
+    #: used when the tokenizer ships no chat template (old Llama-2-chat revisions)
+    chat_template: str | None = None
+    refuses: bool = False
+
+
+REGISTRY: dict[str, RegistryEntry] = {
+    e.name: e
+    for e in [
+        RegistryEntry(
+            "qwen2.5-coder-0.5b-instruct", "offline-gguf",
+            "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF from PyPI data packages, dequantized to fp32; "
+            "24 layers, d=896; refuses harmful requests",
+            refuses=True,
+        ),
+        RegistryEntry(
+            "llama-2-7b-chat", "hub",
+            "Llama-2-7b-chat (the aligned sibling of OpenVLA's LLM); 32 layers, d=4096",
+            hub_id="meta-llama/Llama-2-7b-chat-hf", dir_env="RDT_INTERP_LLAMA2_CHAT_DIR",
+            chat_template=LLAMA2_CHAT_TEMPLATE, refuses=True,
+        ),
+        RegistryEntry("tiny-llama", "tiny", "random Llama (4 layers, d=64), Llama-2 chat template"),
+        RegistryEntry("tiny-qwen2", "tiny", "random Qwen2 (4 layers, d=64), ChatML template"),
+        RegistryEntry("tiny-gemma", "tiny", "random Gemma 3 text model (4 layers, d=64)"),
+    ]
+}
+
+
+def lookup(name: str) -> RegistryEntry:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UnknownNameError("model", name, list(REGISTRY)) from None

@@ -1,0 +1,64 @@
+"""Recording residual-stream values at chosen layers and positions during forward passes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from rdt_interp.roles import Selector, gather_positions
+from rdt_interp.tracing.interventions import Site, StepContext
+
+
+@dataclass
+class Recorder:
+    """Collects ``site`` values at ``layers``; positions by ``selector`` in prefill, every decode
+    position otherwise. Values are stored as float32 on the CPU (or ``device``).
+    """
+
+    layers: Sequence[int]
+    site: Site = Site.RESID_PRE
+    selector: Selector | None = None
+    phases: tuple[str, ...] = ("prefill",)
+    device: torch.device | str = "cpu"
+    prefill: dict[int, Tensor] = field(default_factory=dict)
+    decode: dict[int, list[Tensor]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(int(x) for x in self.layers)
+        self.site = Site.parse(self.site)
+        self._idx: tuple[Tensor, Tensor] | None = None
+
+    def sites(self) -> list[tuple[int, Site]]:
+        return [(layer, self.site) for layer in self.layers]
+
+    def wants(self, ctx: StepContext) -> bool:
+        return ctx.phase in self.phases
+
+    def record(self, h: Float[Tensor, "batch seq d"], layer: int, ctx: StepContext) -> None:
+        if ctx.phase == "prefill":
+            if self.selector is None:
+                picked = h
+            else:
+                if self._idx is None or self._idx[0].shape[0] != h.shape[0]:
+                    idx, w = self.selector.resolve(ctx.roles)
+                    self._idx = (idx.to(h.device), w.to(h.device))
+                idx, w = self._idx
+                picked = gather_positions(h, idx, w, self.selector.pool)
+            self.prefill[layer] = picked.detach().to(self.device, torch.float32)
+        else:
+            self.decode.setdefault(layer, []).append(h[:, -1:].detach().to(self.device, torch.float32))
+
+    def reset(self) -> None:
+        self.prefill.clear()
+        self.decode.clear()
+        self._idx = None
+
+    def prefill_tensor(self) -> Float[Tensor, "batch layer pos d"]:
+        return torch.stack([self.prefill[layer] for layer in self.layers], dim=1)
+
+    def decode_tensor(self) -> Float[Tensor, "batch layer step d"]:
+        return torch.stack([torch.cat(self.decode[layer], dim=1) for layer in self.layers], dim=1)
