@@ -79,7 +79,7 @@ class AddDirection:
     layers: int | Sequence[int]
     roles: Role = ANY_REAL
     phase: Phase = "both"
-    site: Site = Site.RESID_PRE
+    site: Site | str = Site.RESID_PRE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "direction", _as_vector(self.direction))

@@ -7,6 +7,7 @@ a directory holding only the config and tokenizer.
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from collections.abc import Sequence
@@ -41,16 +42,22 @@ def bridge_for(adapter: ModelAdapter) -> Any:
     from transformers import AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # The bridge swaps the model's submodules for its own wrappers in place. Give it a copy of
+    # the module tree that shares every parameter and buffer (no extra memory), so the adapter's
+    # model, its layer list and the hooks of other backends are left untouched.
+    shared = {id(t): t for t in (*adapter.model.parameters(), *adapter.model.buffers())}
+    model = copy.deepcopy(adapter.model, memo=shared)
     with tempfile.TemporaryDirectory(prefix="rdt-lens-") as tmp:
-        config = adapter.model.config
-        if not getattr(config, "architectures", None):  # models built from a config lack it
-            config = type(config).from_dict(config.to_dict())
+        config = model.config
+        if not getattr(config, "architectures", None):
+            # Models built from a config lack it (save_pretrained would set it); the bridge
+            # dispatches on it.
             config.architectures = [type(adapter.model).__name__]
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         # The bridge wants a tokenizer that knows where it was loaded from.
         tok = AutoTokenizer.from_pretrained(tmp)
-        bridge = TransformerBridge.boot_transformers(tmp, hf_model=adapter.model, tokenizer=tok)
+        bridge = TransformerBridge.boot_transformers(tmp, hf_model=model, tokenizer=tok)
     adapter._lens_bridge = bridge
     return bridge
 

@@ -20,8 +20,8 @@ class Recorder:
     """
 
     layers: Sequence[int]
-    site: Site = Site.RESID_PRE
-    selector: Selector | None = None
+    site: Site | str = Site.RESID_PRE
+    selector: Selector | str | None = None
     phases: tuple[str, ...] = ("prefill",)
     device: torch.device | str = "cpu"
     prefill: dict[int, Tensor] = field(default_factory=dict)
@@ -30,6 +30,8 @@ class Recorder:
     def __post_init__(self) -> None:
         self.layers = tuple(int(x) for x in self.layers)
         self.site = Site.parse(self.site)
+        if self.selector is not None:
+            self.selector = Selector.parse(self.selector)
         self._idx: tuple[Tensor, Tensor] | None = None
 
     def sites(self) -> list[tuple[int, Site]]:

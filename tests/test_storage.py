@@ -1,0 +1,61 @@
+import json
+
+import pytest
+import torch
+
+from rdt_interp.errors import IntegrityError
+from rdt_interp.storage import (
+    atomic_write_json,
+    cache_dir,
+    digest_strings,
+    digest_tensor,
+    load_tensors,
+    save_tensors,
+    sha256_file,
+)
+
+
+def test_tensors_round_trip(tmp_path):
+    t = {"a": torch.randn(3, 4), "b": torch.arange(5)}
+    save_tensors(tmp_path / "x.safetensors", t, {"note": "hi", "n": 3})
+    back, meta = load_tensors(tmp_path / "x.safetensors")
+    assert torch.equal(back["a"], t["a"]) and torch.equal(back["b"], t["b"])
+    assert meta == {"note": "hi", "n": 3}
+
+
+def test_corruption_is_detected(tmp_path):
+    p = tmp_path / "x.safetensors"
+    save_tensors(p, {"a": torch.ones(64)})
+    raw = bytearray(p.read_bytes())
+    raw[-8] ^= 0xFF  # flip bits inside the tensor data; the header still parses
+    p.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError):
+        load_tensors(p)
+    p.write_bytes(b"not a safetensors file")
+    with pytest.raises(IntegrityError):
+        load_tensors(p)
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "r.json"
+    atomic_write_json(target, {"x": 1})
+
+    class Boom:
+        pass
+
+    with pytest.raises(TypeError):
+        atomic_write_json(target, {"x": Boom()})
+    assert json.loads(target.read_text()) == {"x": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_digests_are_content_based(tmp_path):
+    assert digest_strings(["ab", "c"]) != digest_strings(["a", "bc"])
+    assert digest_tensor(torch.zeros(3)) != digest_tensor(torch.zeros(3, dtype=torch.float64))
+    (tmp_path / "f").write_bytes(b"abc")
+    assert sha256_file(tmp_path / "f") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_cache_dir_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("RDT_INTERP_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c" and (tmp_path / "c").is_dir()
