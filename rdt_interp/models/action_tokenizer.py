@@ -71,8 +71,10 @@ class ActionTokenizer:
         """Build from an OpenVLA ``config.json`` dict (``norm_stats[key]["action"]``)."""
         text = config.get("text_config", {})
         vocab = int(text.get("vocab_size", 32064)) - int(config.get("pad_to_multiple_of", 0))
-        stats = {k: v["action"] for k, v in config.get("norm_stats", {}).items() if "action" in v}
-        dims = {len(v["q01"]) for v in stats.values()} or {7}
+        # NormStats up front: the field is typed Mapping[str, NormStats] (checked under beartype)
+        stats = {k: NormStats.from_dict(v["action"]) for k, v in config.get("norm_stats", {}).items()
+                 if "action" in v}
+        dims = {len(v.q01) for v in stats.values()} or {7}
         return cls(vocab_size=vocab, n_bins=int(config.get("n_action_bins", 256)),
                    action_dim=dims.pop(), norm_stats=stats)
 

@@ -1,0 +1,52 @@
+"""Fixtures for the OpenVLA tests: the reference fixture checkpoint and small random models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from rdt_interp.models.tiny import TINY_SPECS, byte_tokenizer
+
+FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "openvla_tiny"
+CHECKPOINT = FIXTURE / "checkpoint"
+
+WORDS = ("pick", "up", "the", "red", "cup", "and", "put", "it", "on", "the", "blue", "plate", "next",
+         "to", "the", "small", "green", "bowl", "near", "the", "left", "edge", "of", "the", "wooden",
+         "table")
+
+
+def instructions(n: int) -> list[str]:
+    """``n`` instructions of different lengths (1 .. len(WORDS) words)."""
+    return [" ".join(WORDS[: 1 + (3 * i) % len(WORDS)]) for i in range(n)]
+
+
+def random_images(n: int, seed: int, size: tuple[int, int] = (224, 224)) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (*size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def manifest() -> dict:
+    return json.loads((FIXTURE / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def expected() -> dict:
+    return load_file(FIXTURE / "expected.safetensors")
+
+
+@pytest.fixture(scope="session")
+def byte_tok():
+    # byte ids are < 260, so they never collide with the fixture's action ids 744..999
+    return byte_tokenizer(TINY_SPECS["tiny-llama"])
+
+
+@pytest.fixture(scope="session")
+def tiny_vla(manifest, byte_tok):
+    from rdt_interp.models.openvla import load_openvla
+
+    return load_openvla(CHECKPOINT, vision_overrides=manifest["vision_overrides"], tokenizer=byte_tok)
