@@ -1,0 +1,633 @@
+"""Linear read-outs of a two-class contrast on a (layer, position) grid of activations.
+
+Two read-outs per cell, each with a percentile bootstrap CI and a label-permutation p-value:
+
+* **projection AUC** (and Cohen's d) along a direction: given (e.g. from another model), a
+  class-mean difference fitted on a separate split (``fit=``), or by default a class-mean
+  difference *cross-fitted* over the same stratified folds as the probe, so no sample is
+  scored by a direction that saw it;
+* **cross-validated logistic-regression probe AUC** from out-of-fold scores (an in-sample probe
+  on thousands of dimensions separates anything).
+
+Layer selection happens on a validation split (:func:`select_layer` refuses a split named
+``test``; :func:`evaluate_selected` selects on one split and reports another). Fitted probes
+are :class:`LinearProbe` objects that save, load and transfer to another model of the same
+width (:func:`transfer_auc`).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float, Shaped
+from torch import Tensor
+
+from rdt_interp.analysis._result import ResultMixin
+from rdt_interp.analysis.stats import (
+    Array,
+    as_labels,
+    as_tensor,
+    auc_groups,
+    bootstrap_ci,
+    cohens_d,
+    permutation_test,
+    stratified_folds,
+)
+from rdt_interp.errors import ConfigError, DModelMismatchError
+from rdt_interp.roles import Selector
+from rdt_interp.storage import load_tensors, save_tensors
+
+Metric = Literal["proj_auc", "cv_auc"]
+
+
+@runtime_checkable
+class ActivationsLike(Protocol):
+    """What :class:`rdt_interp.tracing.Activations` offers (kept structural: no model imports)."""
+
+    values: Tensor
+    layers: tuple[int, ...]
+    selector: str
+
+
+def position_names(selector: str, n_positions: int) -> tuple[str, ...]:
+    """Names for the position axis of a capture, e.g. ``post_instruction[-2]``, ``first(action)``."""
+    if n_positions == 1:
+        return (selector,)
+    try:
+        sel = Selector.parse(selector)
+    except ConfigError:
+        sel = None
+    if sel is not None and sel.indices is not None and len(sel.indices) == n_positions:
+        role = sel.role.name.lower() if sel.role.name else "pos"
+        return tuple(f"{role}[{i}]" for i in sel.indices)
+    return tuple(f"{selector}#{j}" for j in range(n_positions))
+
+
+def _grid_values(acts: ActivationsLike | Float[Array, "..."]) -> Float[Tensor, "n layer pos d"]:
+    v = acts.values if isinstance(acts, ActivationsLike) else acts
+    t = as_tensor(v)
+    if not t.is_floating_point():
+        raise ConfigError(f"activations must be floats, got {t.dtype}")
+    if t.ndim == 3:  # [n, layer, d]: one position
+        t = t[:, :, None]
+    if t.ndim != 4:
+        raise ConfigError(f"activations must be [n, layer, d] or [n, layer, pos, d], got {tuple(t.shape)}")
+    return t.float()
+
+
+@dataclass(frozen=True, eq=False)
+class Labeled:
+    """Activations of two classes on a grid: ``x[n, layer, pos, d]``, ``y[n]`` (True = positive).
+
+    ``split`` names where the samples come from (``train``, ``val``, ``test``…); it travels into
+    every result so that a number can always be traced to the split it was measured on.
+    """
+
+    x: Float[Tensor, "n layer pos d_model"]
+    y: Bool[Tensor, "n"]
+    layers: tuple[int, ...]
+    positions: tuple[str, ...]
+    split: str
+    model: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "y", as_labels(self.y, n=self.x.shape[0]))
+        if len(self.layers) != self.x.shape[1] or len(self.positions) != self.x.shape[2]:
+            raise ConfigError(f"x of shape {tuple(self.x.shape)} does not match {len(self.layers)} "
+                              f"layers and {len(self.positions)} positions")
+        if len(set(self.positions)) != len(self.positions):
+            raise ConfigError(f"position names repeat: {self.positions}")
+
+    @classmethod
+    def from_classes(
+        cls,
+        positive: ActivationsLike | Float[Array, "..."],
+        negative: ActivationsLike | Float[Array, "..."],
+        *,
+        split: str,
+        layers: Sequence[int] | None = None,
+        positions: Sequence[str] | None = None,
+    ) -> Labeled:
+        """Stack a positive class (e.g. harmful) and a negative class (harmless)."""
+        xp, xn = _grid_values(positive), _grid_values(negative)
+        if xp.shape[-1] != xn.shape[-1]:
+            raise DModelMismatchError(expected=int(xp.shape[-1]), actual=int(xn.shape[-1]),
+                                      what="negative-class activations")
+        if xp.shape[1:3] != xn.shape[1:3]:
+            raise ConfigError(f"classes have different (layer, pos) grids: {tuple(xp.shape[1:3])} "
+                              f"vs {tuple(xn.shape[1:3])}", fix="capture both with the same layers/selector")
+        for a in (positive, negative):
+            if layers is None and isinstance(a, ActivationsLike):
+                layers = tuple(a.layers)
+            if positions is None and isinstance(a, ActivationsLike):
+                positions = position_names(a.selector, xp.shape[2])
+        if isinstance(positive, ActivationsLike) and isinstance(negative, ActivationsLike) and (
+                tuple(positive.layers) != tuple(negative.layers)):
+            raise ConfigError(f"classes were captured at different layers: {positive.layers} vs "
+                              f"{negative.layers}")
+        layers = tuple(range(xp.shape[1])) if layers is None else tuple(int(v) for v in layers)
+        positions = tuple(f"pos{j}" for j in range(xp.shape[2])) if positions is None else tuple(positions)
+        y = torch.cat([torch.ones(xp.shape[0], dtype=torch.bool), torch.zeros(xn.shape[0], dtype=torch.bool)])
+        model = dict(getattr(positive, "model", {}) or {})
+        return cls(torch.cat([xp, xn]), y, layers, positions, split, model)
+
+    @classmethod
+    def stack_positions(cls, *parts: Labeled) -> Labeled:
+        """Join captures of the same prompts at different positions (e.g. last text, first action)."""
+        if not parts:
+            raise ConfigError("stack_positions needs at least one part")
+        first = parts[0]
+        for p in parts[1:]:
+            if p.layers != first.layers or not torch.equal(p.y, first.y) or p.split != first.split:
+                raise ConfigError("parts differ in layers, labels or split",
+                                  fix="capture every position from the same prompts and layers")
+        return cls(torch.cat([p.x for p in parts], dim=2), first.y, first.layers,
+                   tuple(n for p in parts for n in p.positions), first.split, first.model)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.x.shape[-1])
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.y.sum())
+
+    @property
+    def n_neg(self) -> int:
+        return int((~self.y).sum())
+
+    def index(self, layer: int, position: str | None = None) -> tuple[int, int]:
+        return _index(self.layers, self.positions, layer, position)
+
+    def cell(self, layer: int, position: str | None = None) -> Float[Tensor, "n d_model"]:
+        i, j = self.index(layer, position)
+        return self.x[:, i, j]
+
+    def select(self, layers: Sequence[int] | None = None, positions: Sequence[str] | None = None) -> Labeled:
+        li = list(range(len(self.layers))) if layers is None else [
+            _index(self.layers, ("",), v, None)[0] for v in layers]
+        pj = list(range(len(self.positions))) if positions is None else [
+            _index(self.layers, self.positions, self.layers[0], p)[1] for p in positions]
+        return Labeled(self.x[:, li][:, :, pj], self.y, tuple(self.layers[i] for i in li),
+                       tuple(self.positions[j] for j in pj), self.split, self.model)
+
+
+def _index(layers: Sequence[int], positions: Sequence[str], layer: int, position: str | None) -> tuple[int, int]:
+    if layer not in layers:
+        raise ConfigError(f"layer {layer} is not in the grid (have {list(layers)})")
+    if position is None:
+        if len(positions) != 1:
+            raise ConfigError(f"the grid has positions {list(positions)}; name one")
+        return list(layers).index(layer), 0
+    if position not in positions:
+        raise ConfigError(f"position {position!r} is not in the grid (have {list(positions)})")
+    return list(layers).index(layer), list(positions).index(position)
+
+
+def class_mean_difference(
+    x: Float[Array, "n *grid d_model"], y: Shaped[Array, "n"]
+) -> Float[Tensor, "*grid d_model"]:
+    """``mean(x[positive]) - mean(x[negative])`` (Arditi et al.'s diff-in-means), per grid cell."""
+    t = as_tensor(x, dtype=torch.float32)
+    lab = as_labels(y, n=t.shape[0])
+    return t[lab].mean(dim=0) - t[~lab].mean(dim=0)
+
+
+def _unit(d: Tensor) -> Tensor:
+    norm = d.norm(dim=-1, keepdim=True)
+    if bool((norm == 0).any()):
+        raise ConfigError("a direction has zero norm", fix="check the direction (all-zero vector)")
+    return d / norm
+
+
+def _project(x: Float[Tensor, "n layer pos d"], dirs: Float[Tensor, "layer pos d"]) -> Tensor:
+    return torch.einsum("nlpd,lpd->nlp", x, _unit(dirs.to(x.dtype)))
+
+
+def _grid_directions(directions: Float[Array, "..."], data: Labeled) -> Float[Tensor, "layer pos d"]:
+    d = as_tensor(directions, dtype=torch.float32)
+    L, P, width = data.x.shape[1], data.x.shape[2], data.d_model
+    if d.shape[-1] != width:
+        raise DModelMismatchError(expected=width, actual=int(d.shape[-1]), what="direction")
+    if d.ndim == 1:
+        d = d.expand(L, P, width)
+    elif d.ndim == 2 and d.shape[0] == L:
+        d = d[:, None].expand(L, P, width)
+    elif not (d.ndim == 3 and d.shape[:2] == (L, P)):
+        raise ConfigError(f"directions of shape {tuple(d.shape)} fit neither [d], [layer, d] nor "
+                          f"[layer, pos, d] for a grid of {L} layers x {P} positions")
+    return d
+
+
+# -- fitted probes ---------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class LinearProbe:
+    """A logistic-regression read-out ``score = x @ weight + bias`` in raw activation space.
+
+    Standardization is folded into ``weight``/``bias``, so the probe applies to raw activations
+    of any model of the same width (AUC ignores the bias and any positive scale).
+    """
+
+    weight: Float[Tensor, "d_model"]
+    bias: float
+    C: float = 1.0
+    layer: int | None = None
+    position: str | None = None
+    converged: bool = True
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    kind: ClassVar[str] = "LinearProbe"
+
+    @property
+    def d_model(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def direction(self) -> Float[Tensor, "d_model"]:
+        return self.weight / self.weight.norm()
+
+    @classmethod
+    def fit(
+        cls,
+        x: Float[Array, "n d_model"],
+        y: Shaped[Array, "n"],
+        *,
+        C: float = 1.0,
+        max_iter: int = 2000,
+        layer: int | None = None,
+        position: str | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> LinearProbe:
+        """L2 logistic regression on standardized features (scikit-learn, lbfgs)."""
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegression
+
+        if C <= 0:
+            raise ConfigError(f"C must be > 0, got {C}")
+        X = as_tensor(x, dtype=torch.float64).numpy()
+        lab = as_labels(y, n=X.shape[0]).numpy()
+        mu, sd = X.mean(axis=0), X.std(axis=0)
+        sd[sd == 0] = 1.0  # constant features carry nothing; avoid 0/0
+        lr = LogisticRegression(C=C, max_iter=max_iter)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            lr.fit((X - mu) / sd, lab)
+        coef = lr.coef_[0] / sd
+        bias = float(lr.intercept_[0] - (coef * mu).sum())
+        return cls(torch.as_tensor(coef, dtype=torch.float32), bias, float(C), layer, position,
+                   bool(int(np.max(lr.n_iter_)) < max_iter), dict(meta or {}))
+
+    def decision_function(self, x: Float[Array, "n d"]) -> Float[Tensor, "n"]:
+        t = as_tensor(x, dtype=torch.float64)
+        if t.shape[-1] != self.d_model:
+            raise DModelMismatchError(expected=self.d_model, actual=int(t.shape[-1]), what="activations")
+        return t @ self.weight.double() + self.bias
+
+    def predict_proba(self, x: Float[Array, "n d"]) -> Float[Tensor, "n"]:
+        return torch.sigmoid(self.decision_function(x))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "weight": self.weight.tolist(), "bias": self.bias, "C": self.C,
+                "layer": self.layer, "position": self.position, "converged": self.converged,
+                "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LinearProbe:
+        if d.get("kind", cls.kind) != cls.kind:
+            raise ConfigError(f"this is a {d.get('kind')}, not a LinearProbe")
+        return cls(torch.tensor(d["weight"], dtype=torch.float32), float(d["bias"]), float(d["C"]),
+                   d.get("layer"), d.get("position"), bool(d.get("converged", True)), dict(d.get("meta", {})))
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        meta = {k: v for k, v in self.to_dict().items() if k != "weight"}
+        save_tensors(path, {"weight": self.weight}, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> LinearProbe:
+        tensors, meta = load_tensors(path)
+        return cls.from_dict({**meta, "weight": tensors["weight"].tolist()})
+
+
+def fit_probe(data: Labeled, layer: int, position: str | None = None, *, C: float = 1.0,
+              max_iter: int = 2000) -> LinearProbe:
+    """Fit a :class:`LinearProbe` on one cell of ``data`` (all of it: use a train split)."""
+    return LinearProbe.fit(data.cell(layer, position), data.y, C=C, max_iter=max_iter, layer=layer,
+                           position=position or data.positions[0],
+                           meta={"split": data.split, "model": data.model})
+
+
+# -- the grid --------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class ProbeGrid(ResultMixin):
+    """Per (layer, position): projection AUC / Cohen's d and CV-probe AUC, with CIs and p-values.
+
+    ``proj_p`` is two-sided around AUC 0.5 (a direction may be flipped); ``cv_p`` is one-sided
+    (the probe is trained to score positives higher) and permutes labels over the out-of-fold
+    scores without refitting, which with stratified folds is a close, cheap approximation of the
+    refitting permutation test. p-values are per cell; adjust for the grid with ``stats.holm``.
+    The CV intervals resample out-of-fold scores and leave out the variance of refitting.
+    """
+
+    layers: tuple[int, ...]
+    positions: tuple[str, ...]
+    split: str
+    n_pos: int
+    n_neg: int
+    proj_auc: Float[np.ndarray, "layer pos"]
+    proj_auc_lo: Float[np.ndarray, "layer pos"]
+    proj_auc_hi: Float[np.ndarray, "layer pos"]
+    proj_d: Float[np.ndarray, "layer pos"]
+    proj_d_lo: Float[np.ndarray, "layer pos"]
+    proj_d_hi: Float[np.ndarray, "layer pos"]
+    proj_p: Float[np.ndarray, "layer pos"]
+    cv_auc: Float[np.ndarray, "layer pos"]
+    cv_auc_lo: Float[np.ndarray, "layer pos"]
+    cv_auc_hi: Float[np.ndarray, "layer pos"]
+    cv_p: Float[np.ndarray, "layer pos"]
+    direction_source: str
+    folds: int
+    C: float
+    n_boot: int
+    n_perm: int
+    seed: int
+    level: float
+    n_unconverged: int = 0
+    model: dict[str, Any] = field(default_factory=dict)
+
+    _arrays: ClassVar[tuple[str, ...]] = (
+        "proj_auc", "proj_auc_lo", "proj_auc_hi", "proj_d", "proj_d_lo", "proj_d_hi", "proj_p",
+        "cv_auc", "cv_auc_lo", "cv_auc_hi", "cv_p")
+
+    def index(self, layer: int, position: str | None = None) -> tuple[int, int]:
+        return _index(self.layers, self.positions, layer, position)
+
+    def cell(self, layer: int, position: str | None = None) -> dict[str, float]:
+        i, j = self.index(layer, position)
+        return {name: float(getattr(self, name)[i, j]) for name in self._arrays}
+
+    def series(
+        self, metric: Metric, position: str | None = None
+    ) -> tuple[tuple[int, ...], Float[np.ndarray, "layer"], Float[np.ndarray, "layer"], Float[np.ndarray, "layer"]]:
+        """``(layers, value, low, high)`` of a metric across layers at one position."""
+        if metric not in ("proj_auc", "cv_auc"):
+            raise ConfigError(f"metric must be proj_auc or cv_auc, got {metric!r}")
+        _, j = self.index(self.layers[0], position)
+        return (self.layers, getattr(self, metric)[:, j], getattr(self, f"{metric}_lo")[:, j],
+                getattr(self, f"{metric}_hi")[:, j])
+
+
+def _auc_and_d(p: Tensor, q: Tensor) -> Tensor:
+    return torch.stack([auc_groups(p, q), cohens_d(p, q)], dim=1)
+
+
+def _score_stats(
+    scores: Float[Tensor, "n k"], y: Bool[Tensor, "n"], *, with_d: bool, alternative: str,
+    n_boot: int, n_perm: int, seed: int, level: float,
+) -> dict[str, Tensor]:
+    pos, neg = scores[y], scores[~y]
+    if with_d:
+        est, lo, hi = bootstrap_ci(_auc_and_d, pos, neg, n_boot=n_boot, seed=seed, level=level)
+        out = {"auc": est[0], "auc_lo": lo[0], "auc_hi": hi[0], "d": est[1], "d_lo": lo[1], "d_hi": hi[1]}
+    else:
+        est, lo, hi = bootstrap_ci(auc_groups, pos, neg, n_boot=n_boot, seed=seed, level=level)
+        out = {"auc": est, "auc_lo": lo, "auc_hi": hi}
+    _, p = permutation_test(auc_groups, scores, y, n_perm=n_perm, seed=seed + 1,
+                            alternative=alternative, center=0.5)  # type: ignore[arg-type]
+    out["p"] = p
+    return out
+
+
+def probe_grid(
+    data: Labeled,
+    *,
+    directions: Float[Array, "..."] | None = None,
+    fit: Labeled | None = None,
+    cv: bool = True,
+    folds: int = 5,
+    C: float = 1.0,
+    max_iter: int = 2000,
+    n_boot: int = 1000,
+    n_perm: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> ProbeGrid:
+    """Projection and CV-probe statistics for every (layer, position) cell of ``data``.
+
+    The projection direction is ``directions`` (``[d]``, ``[layer, d]`` or ``[layer, pos, d]``)
+    if given, else the class-mean difference of ``fit`` (a *different* split), else the
+    class-mean difference cross-fitted over the CV folds of ``data``. ``cv=False`` skips the
+    logistic probes (layer x position x folds fits: the slow part).
+    """
+    x, y = data.x, data.y
+    n, L, P, _ = x.shape
+    split_idx = stratified_folds(y, folds, seed)
+    if directions is not None and fit is not None:
+        raise ConfigError("pass directions= or fit=, not both")
+    if directions is not None:
+        scores = _project(x, _grid_directions(directions, data))
+        source = "given"
+    elif fit is not None:
+        _check_separate(fit, data, "fit")
+        if fit.layers != data.layers or fit.positions != data.positions:
+            raise ConfigError("fit and data have different layer/position grids",
+                              fix="capture both splits with the same layers and selector")
+        if fit.d_model != data.d_model:
+            raise DModelMismatchError(expected=data.d_model, actual=fit.d_model, what="fit split")
+        scores = _project(x, class_mean_difference(fit.x, fit.y))
+        source = f"class-mean difference on split {fit.split!r}"
+    else:
+        scores = torch.empty(n, L, P, dtype=x.dtype)
+        for tr, te in split_idx:
+            scores[te] = _project(x[te], class_mean_difference(x[tr], y[tr]))
+        source = f"class-mean difference cross-fitted over {folds} folds"
+    proj = _score_stats(scores.reshape(n, L * P), y, with_d=True, alternative="two-sided",
+                        n_boot=n_boot, n_perm=n_perm, seed=seed, level=level)
+
+    nan = torch.full((L * P,), float("nan"), dtype=torch.float64)
+    cvs = {"auc": nan, "auc_lo": nan, "auc_hi": nan, "p": nan}
+    unconverged = 0
+    if cv:
+        oof = torch.empty(n, L, P, dtype=torch.float64)
+        for i in range(L):
+            for j in range(P):
+                for tr, te in split_idx:
+                    probe = LinearProbe.fit(x[tr, i, j], y[tr], C=C, max_iter=max_iter)
+                    unconverged += not probe.converged
+                    oof[te, i, j] = probe.decision_function(x[te, i, j])
+        cvs = _score_stats(oof.reshape(n, L * P), y, with_d=False, alternative="greater",
+                           n_boot=n_boot, n_perm=n_perm, seed=seed, level=level)
+
+    def grid(t: Tensor) -> np.ndarray:
+        return t.reshape(L, P).numpy().astype(np.float64)
+
+    return ProbeGrid(
+        layers=data.layers, positions=data.positions, split=data.split, n_pos=data.n_pos,
+        n_neg=data.n_neg, proj_auc=grid(proj["auc"]), proj_auc_lo=grid(proj["auc_lo"]),
+        proj_auc_hi=grid(proj["auc_hi"]), proj_d=grid(proj["d"]), proj_d_lo=grid(proj["d_lo"]),
+        proj_d_hi=grid(proj["d_hi"]), proj_p=grid(proj["p"]), cv_auc=grid(cvs["auc"]),
+        cv_auc_lo=grid(cvs["auc_lo"]), cv_auc_hi=grid(cvs["auc_hi"]), cv_p=grid(cvs["p"]),
+        direction_source=source, folds=folds, C=float(C), n_boot=n_boot, n_perm=n_perm, seed=seed,
+        level=level, n_unconverged=unconverged, model=dict(data.model),
+    )
+
+
+def _check_separate(a: Labeled, b: Labeled, what: str) -> None:
+    if a is b or a.split == b.split:
+        raise ConfigError(f"{what} split {a.split!r} is the split being evaluated",
+                          fix="fit on train, select on val, report on test (three different splits)")
+
+
+def _is_test(split: str) -> bool:
+    return "test" in split.lower()
+
+
+# -- layer selection -------------------------------------------------------------------------------
+def select_layer(grid: ProbeGrid, *, metric: Metric = "cv_auc", position: str | None = None) -> tuple[int, str]:
+    """The (layer, position) with the highest ``metric`` on a *validation* grid.
+
+    Refuses a grid measured on a split whose name contains ``test``: choosing the layer on the
+    split you report inflates the reported AUC.
+    """
+    if _is_test(grid.split):
+        raise ConfigError(f"refusing to select a layer on split {grid.split!r}",
+                          fix="select on a validation split and report test with evaluate_selected()")
+    if metric not in ("proj_auc", "cv_auc"):
+        raise ConfigError(f"metric must be proj_auc or cv_auc, got {metric!r}")
+    values = np.array(getattr(grid, metric), dtype=np.float64)
+    if position is not None:
+        j = grid.index(grid.layers[0], position)[1]
+        keep = np.full(values.shape, -np.inf)
+        keep[:, j] = values[:, j]
+        values = keep
+    if np.all(~np.isfinite(values)):
+        raise ConfigError(f"{metric} was not computed on this grid", fix="run probe_grid with cv=True")
+    i, j = np.unravel_index(int(np.nanargmax(np.where(np.isfinite(values), values, -np.inf))), values.shape)
+    return grid.layers[int(i)], grid.positions[int(j)]
+
+
+@dataclass(frozen=True)
+class LayerSelection(ResultMixin):
+    """A layer chosen on one split and evaluated on another."""
+
+    layer: int
+    position: str
+    metric: str
+    val_split: str
+    test_split: str
+    val_value: float
+    test_value: float
+    test_lo: float
+    test_hi: float
+    test_p: float
+    n_candidates: int
+    level: float
+
+
+def evaluate_selected(
+    val: Labeled,
+    test: Labeled,
+    *,
+    metric: Metric = "proj_auc",
+    position: str | None = None,
+    fit: Labeled | None = None,
+    **grid_kwargs: Any,
+) -> LayerSelection:
+    """Select the layer on ``val``, then report ``metric`` at that layer on ``test`` only.
+
+    With ``fit`` (a train split) the projection direction is its class-mean difference; without,
+    it is cross-fitted within each split.
+    """
+    _check_separate(val, test, "validation")
+    if _is_test(val.split):
+        raise ConfigError(f"validation split is named {val.split!r}",
+                          fix="pass the validation split as val= and the test split as test=")
+    if fit is not None:
+        _check_separate(fit, test, "fit")
+    need_cv = metric == "cv_auc"
+    val_grid = probe_grid(val, fit=fit, cv=need_cv, **grid_kwargs)
+    layer, pos = select_layer(val_grid, metric=metric, position=position)
+    test_cell = test.select([layer], [pos])
+    fit_cell = fit.select([layer], [pos]) if fit is not None else None
+    test_grid = probe_grid(test_cell, fit=fit_cell, cv=need_cv, **grid_kwargs)
+    key = "proj" if metric == "proj_auc" else "cv"
+    return LayerSelection(
+        layer=layer, position=pos, metric=metric, val_split=val.split, test_split=test.split,
+        val_value=val_grid.cell(layer, pos)[metric], test_value=float(getattr(test_grid, metric)[0, 0]),
+        test_lo=float(getattr(test_grid, f"{metric}_lo")[0, 0]),
+        test_hi=float(getattr(test_grid, f"{metric}_hi")[0, 0]),
+        test_p=float(getattr(test_grid, f"{key}_p")[0, 0]),
+        n_candidates=len(val.layers) * (len(val.positions) if position is None else 1),
+        level=test_grid.level,
+    )
+
+
+# -- transfer --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TransferResult(ResultMixin):
+    """AUC of a probe fitted on one model (or split) applied to another's activations."""
+
+    auc: float
+    auc_lo: float
+    auc_hi: float
+    p: float
+    n_pos: int
+    n_neg: int
+    d_model: int
+    source_layer: int | None
+    source_position: str | None
+    source: dict[str, Any]
+    target: dict[str, Any]
+    level: float
+    n_boot: int
+    n_perm: int
+
+
+def transfer_auc(
+    probe: LinearProbe,
+    target: Labeled | Float[Array, "n d"],
+    labels: Shaped[Array, "n"] | None = None,
+    *,
+    layer: int | None = None,
+    position: str | None = None,
+    n_boot: int = 1000,
+    n_perm: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> TransferResult:
+    """AUC (CI, one-sided permutation p) of ``probe`` on ``target`` activations of the same width.
+
+    ``target`` is a :class:`Labeled` grid (``layer``/``position`` pick the cell; ``layer``
+    defaults to the probe's) or a plain ``[n, d]`` array with ``labels``. A probe of another
+    width raises :class:`DModelMismatchError`.
+    """
+    if isinstance(target, Labeled):
+        if labels is not None:
+            raise ConfigError("labels come with the Labeled target; do not pass labels=")
+        lay = probe.layer if layer is None else layer
+        if lay is None:
+            raise ConfigError("the probe has no layer; pass layer=")
+        pos = position if position is not None or len(target.positions) == 1 else probe.position
+        x, y = target.cell(lay, pos), target.y
+        info = {"split": target.split, "model": target.model, "layer": lay, "position": pos}
+    else:
+        if labels is None:
+            raise ConfigError("pass labels= with an array target")
+        x, y = as_tensor(target), as_labels(labels, n=int(target.shape[0]))
+        info = {"layer": layer, "position": position}
+    if x.shape[-1] != probe.d_model:
+        raise DModelMismatchError(expected=int(x.shape[-1]), actual=probe.d_model, what="probe")
+    s = probe.decision_function(x)[:, None]
+    st = _score_stats(s, y, with_d=False, alternative="greater", n_boot=n_boot, n_perm=n_perm,
+                      seed=seed, level=level)
+    return TransferResult(
+        auc=float(st["auc"][0]), auc_lo=float(st["auc_lo"][0]), auc_hi=float(st["auc_hi"][0]),
+        p=float(st["p"][0]), n_pos=int(y.sum()), n_neg=int((~y).sum()), d_model=probe.d_model,
+        source_layer=probe.layer, source_position=probe.position, source=dict(probe.meta),
+        target=info, level=level, n_boot=n_boot, n_perm=n_perm,
+    )

@@ -1,0 +1,141 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from rdt_interp.analysis import stats
+from rdt_interp.analysis.stats import (
+    as_labels,
+    auc,
+    auc_groups,
+    bootstrap_ci,
+    bootstrap_distribution,
+    cohens_d,
+    empirical_pvalue,
+    holm,
+    mean_ci,
+    permutation_test,
+    stratified_folds,
+    zscore,
+)
+from rdt_interp.errors import ConfigError
+
+
+def _phi(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def test_auc_matches_sklearn_with_ties_over_many_columns():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, size=101)
+    scores = rng.integers(0, 6, size=(101, 40)).astype(np.float32)  # many ties
+    got = auc(scores, y).numpy()
+    want = np.array([roc_auc_score(y, scores[:, k]) for k in range(40)])
+    np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+def test_auc_edge_cases():
+    y = torch.tensor([1, 1, 0, 0])
+    assert float(auc(torch.tensor([3.0, 4.0, 1.0, 2.0]), y)) == 1.0
+    assert float(auc(torch.tensor([1.0, 2.0, 3.0, 4.0]), y)) == 0.0
+    assert float(auc(torch.ones(4), y)) == 0.5
+
+
+def test_auc_of_gaussian_shift_is_phi_of_delta_over_sqrt2():
+    gen = torch.Generator().manual_seed(1)
+    n, delta = 4000, 1.0
+    pos = torch.randn(n, generator=gen) + delta
+    neg = torch.randn(n, generator=gen)
+    assert float(auc_groups(pos, neg)) == pytest.approx(_phi(delta / math.sqrt(2)), abs=0.015)
+
+
+def test_auc_rejects_nan_and_single_class():
+    with pytest.raises(ConfigError):
+        auc(torch.tensor([0.1, float("nan"), 0.3]), torch.tensor([1, 0, 1]))
+    with pytest.raises(ConfigError, match="single class"):
+        auc(torch.tensor([0.1, 0.2]), torch.tensor([1, 1]))
+    with pytest.raises(ConfigError, match="0/1"):
+        as_labels(torch.tensor([0, 2, 1]))
+
+
+def test_cohens_d_recovers_the_planted_shift():
+    gen = torch.Generator().manual_seed(2)
+    pos = torch.randn(5000, 3, generator=gen) * 2.0 + torch.tensor([0.0, 1.0, 3.0])
+    neg = torch.randn(5000, 3, generator=gen) * 2.0
+    np.testing.assert_allclose(cohens_d(pos, neg).numpy(), [0.0, 0.5, 1.5], atol=0.05)
+
+
+def test_percentile_ci_covers_the_true_mean_about_95_percent():
+    # 400 independent data sets of n = 60 as columns: one vectorized bootstrap.
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(60, 400, generator=gen, dtype=torch.float64) + 2.0
+    _, lo, hi = mean_ci(x, n_boot=1000, seed=0)
+    coverage = float(((lo <= 2.0) & (hi >= 2.0)).double().mean())
+    assert 0.89 <= coverage <= 0.98  # the percentile CI of a mean undercovers slightly at n = 60
+
+
+def test_bootstrap_is_seeded_and_independent_of_chunking(monkeypatch):
+    x = torch.randn(50, 3)
+    a = bootstrap_distribution(lambda v: v.mean(0), x, n_boot=300, seed=7)
+    b = bootstrap_distribution(lambda v: v.mean(0), x, n_boot=300, seed=7)
+    monkeypatch.setattr(stats, "_CHUNK_ELEMENTS", 200)  # forces many chunks
+    c = bootstrap_distribution(lambda v: v.mean(0), x, n_boot=300, seed=7)
+    d = bootstrap_distribution(lambda v: v.mean(0), x, n_boot=300, seed=8)
+    assert a.shape == (300, 3)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, c)  # same resamples; float reductions may differ in the last ulp
+    assert not torch.equal(a, d)
+
+
+def test_stratified_bootstrap_keeps_group_sizes():
+    pos, neg = torch.ones(10), torch.zeros(30)
+    est, lo, hi = bootstrap_ci(lambda p, q: p.shape[0] / (p.shape[0] + q.shape[0]) * torch.ones(p.shape[1]),
+                               pos, neg, n_boot=50)
+    assert float(est) == float(lo) == float(hi) == 0.25
+
+
+def test_permutation_pvalues_are_uniform_under_the_null_and_small_under_signal():
+    gen = torch.Generator().manual_seed(4)
+    y = torch.arange(40) < 20
+    null_scores = torch.randn(40, 300, generator=gen)
+    _, p = permutation_test(auc_groups, null_scores, y, n_perm=200, seed=1, alternative="greater")
+    frac = float((p <= 0.05).double().mean())
+    assert 0.01 <= frac <= 0.10
+    assert float(p.mean()) == pytest.approx(0.5, abs=0.06)
+    separated = torch.where(y, 1.0, 0.0)[:, None] + 0.01 * torch.randn(40, 1, generator=gen)
+    obs, p_sig = permutation_test(auc_groups, separated, y, n_perm=200, seed=1)
+    assert float(obs) == 1.0
+    assert float(p_sig) == pytest.approx(1 / 201)
+
+
+def test_empirical_pvalue_has_the_plus_one_correction():
+    null = torch.linspace(0, 1, 99)
+    assert float(empirical_pvalue(torch.tensor(2.0), null, "greater")) == pytest.approx(1 / 100)
+    assert float(empirical_pvalue(torch.tensor(-1.0), null, "greater")) == 1.0
+    assert float(empirical_pvalue(torch.tensor(-1.0), null, "less")) == pytest.approx(1 / 100)
+    # two-sided around 0.5: 0.0 and 1.0 are equally extreme (2 of 99 hits, ties included).
+    assert float(empirical_pvalue(torch.tensor(1.0), null, "two-sided", center=0.5)) == pytest.approx(3 / 100)
+    with pytest.raises(ConfigError):
+        empirical_pvalue(torch.tensor(1.0), null, "bigger")
+
+
+def test_zscore_and_holm():
+    null = torch.tensor([-1.0, 0.0, 1.0])
+    assert float(zscore(torch.tensor(2.0), null)) == pytest.approx(2.0)
+    p = torch.tensor([0.01, 0.04, 0.03, 0.5])
+    # Holm: sorted p * (m - rank), running max: .04, .09, .09, .5
+    np.testing.assert_allclose(holm(p).numpy(), [0.04, 0.09, 0.09, 0.5])
+
+
+def test_stratified_folds_are_disjoint_and_balanced():
+    y = np.array([1] * 12 + [0] * 18)
+    folds = stratified_folds(y, 3, seed=0)
+    test_idx = np.concatenate([te for _, te in folds])
+    assert sorted(test_idx.tolist()) == list(range(30))
+    for tr, te in folds:
+        assert not set(tr) & set(te)
+        assert y[te].sum() == 4
+    with pytest.raises(ConfigError, match="per class"):
+        stratified_folds(np.array([1, 1, 0, 0, 0]), 3, seed=0)
