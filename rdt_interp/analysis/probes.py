@@ -267,6 +267,7 @@ class LinearProbe:
         """L2 logistic regression on standardized features (scikit-learn, lbfgs)."""
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
+        from threadpoolctl import threadpool_limits
 
         if C <= 0:
             raise ConfigError(f"C must be > 0, got {C}")
@@ -275,7 +276,9 @@ class LinearProbe:
         mu, sd = X.mean(axis=0), X.std(axis=0)
         sd[sd == 0] = 1.0  # constant features carry nothing; avoid 0/0
         lr = LogisticRegression(C=C, max_iter=max_iter)
-        with warnings.catch_warnings():
+        # One BLAS thread: lbfgs makes many small matrix-vector products, for which threads cost
+        # more than they give (6-16x slower on a loaded 2-core machine).
+        with warnings.catch_warnings(), threadpool_limits(1):
             warnings.simplefilter("ignore", ConvergenceWarning)
             lr.fit((X - mu) / sd, lab)
         coef = lr.coef_[0] / sd
