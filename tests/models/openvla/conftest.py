@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from rdt_interp.models.tiny import TINY_SPECS, byte_tokenizer
@@ -50,3 +51,24 @@ def tiny_vla(manifest, byte_tok):
     from rdt_interp.models.openvla import load_openvla
 
     return load_openvla(CHECKPOINT, vision_overrides=manifest["vision_overrides"], tokenizer=byte_tok)
+
+
+def fixture_config() -> dict:
+    return json.loads((CHECKPOINT / "config.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def midsize_vla(manifest):
+    """Random OpenVLA with a 4-layer d=256 Llama and OpenVLA-7b's vocabulary (32064).
+
+    Images are 112 px (64 patches) to keep CPU tests fast; the architecture is otherwise OpenVLA's.
+    """
+    from rdt_interp.models.openvla import build_random_openvla
+
+    cfg = fixture_config()
+    cfg["image_sizes"] = [112, 112]
+    cfg["text_config"] = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688,
+                          "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 8,
+                          "vocab_size": 32064, "max_position_embeddings": 1024, "rms_norm_eps": 1e-6}
+    return build_random_openvla(cfg, torch.float32, "cpu", seed=7,
+                                vision_overrides=manifest["vision_overrides"])
