@@ -30,7 +30,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from rdt_interp.analysis._result import ResultMixin
-from rdt_interp.analysis.stats import Array, as_tensor, bootstrap_ci, mean_ci
+from rdt_interp.analysis.stats import Array, as_tensor, bootstrap_ci, mean_ci, threads_for
 from rdt_interp.errors import ConfigError
 
 
@@ -209,6 +209,18 @@ def action_metrics(
     ``ids`` are the chosen action token ids; without them the greedy (argmax) tokens of
     ``logits`` are used, as OpenVLA decodes.
     """
+    arr = logits if logits is not None else ids
+    size = int(np.prod(arr.shape)) if arr is not None else 0
+    with threads_for(size):
+        return _action_metrics(tok, logits, ids, window, unnorm_key, magnitude_dims, partial_min,
+                               n_boot, seed, level, label)
+
+
+def _action_metrics(
+    tok: ActionTokenizerLike, logits: Float[Array, "n steps v"] | None, ids: Int[Array, "n steps"] | None,
+    window: int, unnorm_key: str | None, magnitude_dims: Sequence[int], partial_min: int, n_boot: int,
+    seed: int, level: float, label: str,
+) -> ActionMetrics:
     if logits is None and ids is None:
         raise ConfigError("pass logits= (action-token logits) and/or ids= (chosen action token ids)")
     if logits is not None:

@@ -2,12 +2,16 @@
 
 Two read-outs per cell, each with a percentile bootstrap CI and a label-permutation p-value:
 
-* **projection AUC** (and Cohen's d) along a direction: given (e.g. from another model), a
-  class-mean difference fitted on a separate split (``fit=``), or by default a class-mean
-  difference *cross-fitted* over the same stratified folds as the probe, so no sample is
-  scored by a direction that saw it;
-* **cross-validated logistic-regression probe AUC** from out-of-fold scores (an in-sample probe
-  on thousands of dimensions separates anything).
+* **projection AUC** (and Cohen's d) along a direction: given (e.g. from another model), the
+  class-mean difference of a separate ``fit`` split, or by default the class-mean difference
+  *cross-fitted* over stratified folds, so that no sample is scored by a direction that saw it;
+* **logistic-regression probe AUC**: fitted on the ``fit`` split and scored on held-out data,
+  or by default K-fold CV with out-of-fold scores (an in-sample probe on thousands of
+  dimensions separates anything).
+
+With a ``fit`` split every interval and p-value is exact. Cross-fitting and CV pool scores of
+different fits, so their bootstrap intervals are approximate; their p-values come from
+within-fold label permutations with re-fitting (:class:`ProbeGrid` says which is which).
 
 Layer selection happens on a validation split (:func:`select_layer` refuses a split named
 ``test``; :func:`evaluate_selected` selects on one split and reports another). Fitted probes
@@ -21,7 +25,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -33,17 +37,18 @@ from rdt_interp.analysis.stats import (
     Array,
     as_labels,
     as_tensor,
+    auc_columns,
     auc_groups,
     bootstrap_ci,
     cohens_d,
+    empirical_pvalue,
     permutation_test,
     stratified_folds,
+    threads_for,
 )
 from rdt_interp.errors import ConfigError, DModelMismatchError
 from rdt_interp.roles import Selector
 from rdt_interp.storage import load_tensors, save_tensors
-
-Metric = Literal["proj_auc", "cv_auc"]
 
 
 @runtime_checkable
@@ -328,13 +333,23 @@ def fit_probe(data: Labeled, layer: int, position: str | None = None, *, C: floa
 # -- the grid --------------------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class ProbeGrid(ResultMixin):
-    """Per (layer, position): projection AUC / Cohen's d and CV-probe AUC, with CIs and p-values.
+    """Per (layer, position): projection AUC / Cohen's d and probe AUC, with CIs and p-values.
 
-    ``proj_p`` is two-sided around AUC 0.5 (a direction may be flipped); ``cv_p`` is one-sided
-    (the probe is trained to score positives higher) and permutes labels over the out-of-fold
-    scores without refitting, which with stratified folds is a close, cheap approximation of the
-    refitting permutation test. p-values are per cell; adjust for the grid with ``stats.holm``.
-    The CV intervals resample out-of-fold scores and leave out the variance of refitting.
+    How each number was obtained is spelled out in ``proj_source`` / ``probe_source`` and in
+    ``proj_method`` / ``probe_method``:
+
+    * a direction fixed before seeing ``data`` (given, or from a ``fit`` split) and a probe fitted
+      on a ``fit`` split give exact intervals (stratified bootstrap of the test samples) and exact
+      label-permutation p-values;
+    * cross-fitted directions and K-fold CV probes pool out-of-fold scores from different fits,
+      which a bootstrap of those scores cannot see: their intervals are approximate (they
+      undercover under the null at small n / large d). Their p-values re-fit under within-fold
+      label permutations (exact): always for the cross-fitted direction (cheap, through the Gram
+      matrix), for CV probes only with ``n_perm_refit > 0`` (costly; NaN otherwise).
+
+    ``proj_p`` is two-sided around AUC 0.5 (a direction may be flipped); ``probe_p`` is
+    one-sided (a probe is trained to score positives higher). p-values are per cell; adjust for
+    the grid with :func:`rdt_interp.analysis.stats.holm`.
     """
 
     layers: tuple[int, ...]
@@ -349,15 +364,19 @@ class ProbeGrid(ResultMixin):
     proj_d_lo: Float[np.ndarray, "layer pos"]
     proj_d_hi: Float[np.ndarray, "layer pos"]
     proj_p: Float[np.ndarray, "layer pos"]
-    cv_auc: Float[np.ndarray, "layer pos"]
-    cv_auc_lo: Float[np.ndarray, "layer pos"]
-    cv_auc_hi: Float[np.ndarray, "layer pos"]
-    cv_p: Float[np.ndarray, "layer pos"]
-    direction_source: str
+    probe_auc: Float[np.ndarray, "layer pos"]
+    probe_auc_lo: Float[np.ndarray, "layer pos"]
+    probe_auc_hi: Float[np.ndarray, "layer pos"]
+    probe_p: Float[np.ndarray, "layer pos"]
+    proj_source: str
+    proj_method: str
+    probe_source: str
+    probe_method: str
     folds: int
     C: float
     n_boot: int
     n_perm: int
+    n_perm_refit: int
     seed: int
     level: float
     n_unconverged: int = 0
@@ -365,7 +384,7 @@ class ProbeGrid(ResultMixin):
 
     _arrays: ClassVar[tuple[str, ...]] = (
         "proj_auc", "proj_auc_lo", "proj_auc_hi", "proj_d", "proj_d_lo", "proj_d_hi", "proj_p",
-        "cv_auc", "cv_auc_lo", "cv_auc_hi", "cv_p")
+        "probe_auc", "probe_auc_lo", "probe_auc_hi", "probe_p")
 
     def index(self, layer: int, position: str | None = None) -> tuple[int, int]:
         return _index(self.layers, self.positions, layer, position)
@@ -375,35 +394,86 @@ class ProbeGrid(ResultMixin):
         return {name: float(getattr(self, name)[i, j]) for name in self._arrays}
 
     def series(
-        self, metric: Metric, position: str | None = None
+        self, metric: str, position: str | None = None
     ) -> tuple[tuple[int, ...], Float[np.ndarray, "layer"], Float[np.ndarray, "layer"], Float[np.ndarray, "layer"]]:
         """``(layers, value, low, high)`` of a metric across layers at one position."""
-        if metric not in ("proj_auc", "cv_auc"):
-            raise ConfigError(f"metric must be proj_auc or cv_auc, got {metric!r}")
+        _check_metric(metric)
         _, j = self.index(self.layers[0], position)
         return (self.layers, getattr(self, metric)[:, j], getattr(self, f"{metric}_lo")[:, j],
                 getattr(self, f"{metric}_hi")[:, j])
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in ("proj_auc", "probe_auc"):
+        raise ConfigError(f"metric must be proj_auc or probe_auc, got {metric!r}")
 
 
 def _auc_and_d(p: Tensor, q: Tensor) -> Tensor:
     return torch.stack([auc_groups(p, q), cohens_d(p, q)], dim=1)
 
 
-def _score_stats(
-    scores: Float[Tensor, "n k"], y: Bool[Tensor, "n"], *, with_d: bool, alternative: str,
-    n_boot: int, n_perm: int, seed: int, level: float,
-) -> dict[str, Tensor]:
+def _intervals(scores: Float[Tensor, "n k"], y: Bool[Tensor, "n"], *, with_d: bool, n_boot: int,
+               seed: int, level: float) -> dict[str, Tensor]:
     pos, neg = scores[y], scores[~y]
     if with_d:
         est, lo, hi = bootstrap_ci(_auc_and_d, pos, neg, n_boot=n_boot, seed=seed, level=level)
-        out = {"auc": est[0], "auc_lo": lo[0], "auc_hi": hi[0], "d": est[1], "d_lo": lo[1], "d_hi": hi[1]}
-    else:
-        est, lo, hi = bootstrap_ci(auc_groups, pos, neg, n_boot=n_boot, seed=seed, level=level)
-        out = {"auc": est, "auc_lo": lo, "auc_hi": hi}
-    _, p = permutation_test(auc_groups, scores, y, n_perm=n_perm, seed=seed + 1,
-                            alternative=alternative, center=0.5)  # type: ignore[arg-type]
-    out["p"] = p
+        return {"auc": est[0], "auc_lo": lo[0], "auc_hi": hi[0], "d": est[1], "d_lo": lo[1], "d_hi": hi[1]}
+    est, lo, hi = bootstrap_ci(auc_groups, pos, neg, n_boot=n_boot, seed=seed, level=level)
+    return {"auc": est, "auc_lo": lo, "auc_hi": hi}
+
+
+def _within_fold_permutations(
+    y: Bool[Tensor, "n"], split_idx: Sequence[tuple[np.ndarray, np.ndarray]], n_perm: int, seed: int
+) -> Bool[Tensor, "n_perm n"]:
+    """Labels shuffled inside each test fold: per-fold class counts, hence the stratified folds,
+    stay valid, so under the null every row is as likely as the observed labels."""
+    gen = torch.Generator().manual_seed(seed)
+    out = y[None].repeat(n_perm, 1)
+    for _, te in split_idx:
+        rows = torch.as_tensor(te)
+        perm = torch.rand((n_perm, rows.numel()), generator=gen).argsort(dim=1)
+        out[:, rows] = y[rows][perm]
     return out
+
+
+def _crossfit_null(
+    x: Float[Tensor, "n k d"], labels: Bool[Tensor, "n_perm n"],
+    split_idx: Sequence[tuple[np.ndarray, np.ndarray]],
+) -> Float[Tensor, "n_perm k"]:
+    """Cross-fitted projection AUC re-fitted under each row of ``labels``.
+
+    The class-mean difference is linear in the labels, so with the Gram matrix ``G = X X^T``
+    the out-of-fold scores of every permutation are two matrix products per fold.
+    """
+    n_perm, n = labels.shape
+    out = torch.empty(n_perm, x.shape[1], dtype=torch.float64)
+    for c in range(x.shape[1]):
+        xc = x[:, c].double()
+        gram = xc @ xc.T
+        scores = torch.empty(n, n_perm, dtype=torch.float64)
+        for tr, te in split_idx:
+            tr_t, te_t = torch.as_tensor(tr), torch.as_tensor(te)
+            lab = labels[:, tr_t].T  # [n_train, n_perm]
+            n1 = lab.sum(dim=0, keepdim=True).double()
+            w = torch.where(lab, 1.0 / n1, -1.0 / (lab.shape[0] - n1))
+            g_tr = gram[tr_t][:, tr_t]
+            norm = (w * (g_tr @ w)).sum(dim=0).clamp_min(1e-300).sqrt()
+            scores[te_t] = (gram[te_t][:, tr_t] @ w) / norm
+        out[:, c] = auc_columns(scores, labels.T)
+    return out
+
+
+def _oof_probe_scores(
+    x: Float[Tensor, "n d"], y: Bool[Tensor, "n"], split_idx: Sequence[tuple[np.ndarray, np.ndarray]],
+    C: float, max_iter: int,
+) -> tuple[Tensor, int]:
+    oof = torch.empty(x.shape[0], dtype=torch.float64)
+    unconverged = 0
+    for tr, te in split_idx:
+        probe = LinearProbe.fit(x[tr], y[tr], C=C, max_iter=max_iter)
+        unconverged += not probe.converged
+        oof[te] = probe.decision_function(x[te])
+    return oof, unconverged
 
 
 def probe_grid(
@@ -411,60 +481,115 @@ def probe_grid(
     *,
     directions: Float[Array, "..."] | None = None,
     fit: Labeled | None = None,
-    cv: bool = True,
+    probe: bool = True,
     folds: int = 5,
     C: float = 1.0,
     max_iter: int = 2000,
     n_boot: int = 1000,
     n_perm: int = 1000,
+    n_perm_refit: int = 0,
     seed: int = 0,
     level: float = 0.95,
 ) -> ProbeGrid:
-    """Projection and CV-probe statistics for every (layer, position) cell of ``data``.
+    """Projection and logistic-probe statistics for every (layer, position) cell of ``data``.
 
-    The projection direction is ``directions`` (``[d]``, ``[layer, d]`` or ``[layer, pos, d]``)
-    if given, else the class-mean difference of ``fit`` (a *different* split), else the
-    class-mean difference cross-fitted over the CV folds of ``data``. ``cv=False`` skips the
-    logistic probes (layer x position x folds fits: the slow part).
+    Projection direction: ``directions`` (``[d]``, ``[layer, d]`` or ``[layer, pos, d]``) if
+    given, else the class-mean difference of ``fit`` (a *different* split), else the class-mean
+    difference cross-fitted over ``folds`` stratified folds of ``data``.
+    Probe: fitted on ``fit`` and scored on ``data`` (held out) if ``fit`` is given, else K-fold
+    CV on ``data`` (out-of-fold scores). ``probe=False`` skips the probes (the slow part:
+    layer x position x folds fits, times ``n_perm_refit`` for CV p-values).
+
+    Pass a ``fit`` split whenever there is one: every interval and p-value is then exact.
     """
+    with threads_for(data.x.numel()):
+        return _probe_grid(data, directions, fit, probe, folds, C, max_iter, n_boot, n_perm,
+                           n_perm_refit, seed, level)
+
+
+def _probe_grid(
+    data: Labeled, directions: Float[Array, "..."] | None, fit: Labeled | None, probe: bool,
+    folds: int, C: float, max_iter: int, n_boot: int, n_perm: int, n_perm_refit: int, seed: int,
+    level: float,
+) -> ProbeGrid:
     x, y = data.x, data.y
     n, L, P, _ = x.shape
-    split_idx = stratified_folds(y, folds, seed)
-    if directions is not None and fit is not None:
-        raise ConfigError("pass directions= or fit=, not both")
-    if directions is not None:
-        scores = _project(x, _grid_directions(directions, data))
-        source = "given"
-    elif fit is not None:
+    k = L * P
+    if fit is not None:
         _check_separate(fit, data, "fit")
         if fit.layers != data.layers or fit.positions != data.positions:
             raise ConfigError("fit and data have different layer/position grids",
                               fix="capture both splits with the same layers and selector")
         if fit.d_model != data.d_model:
             raise DModelMismatchError(expected=data.d_model, actual=fit.d_model, what="fit split")
+    crossfit = directions is None and fit is None
+    needs_folds = crossfit or (probe and fit is None)
+    split_idx = stratified_folds(y, folds, seed) if needs_folds else []
+
+    # -- projection ------------------------------------------------------------------------
+    exact = "exact: stratified bootstrap CI and label-permutation p of fixed-direction scores"
+    if directions is not None:
+        scores = _project(x, _grid_directions(directions, data))
+        proj_source, proj_method = "given", exact
+    elif fit is not None:
         scores = _project(x, class_mean_difference(fit.x, fit.y))
-        source = f"class-mean difference on split {fit.split!r}"
+        proj_source, proj_method = f"class-mean difference of split {fit.split!r}", exact
     else:
         scores = torch.empty(n, L, P, dtype=x.dtype)
         for tr, te in split_idx:
             scores[te] = _project(x[te], class_mean_difference(x[tr], y[tr]))
-        source = f"class-mean difference cross-fitted over {folds} folds"
-    proj = _score_stats(scores.reshape(n, L * P), y, with_d=True, alternative="two-sided",
-                        n_boot=n_boot, n_perm=n_perm, seed=seed, level=level)
+        proj_source = f"class-mean difference cross-fitted over {folds} folds"
+        proj_method = ("approximate CI (bootstrap of out-of-fold scores); exact p (within-fold "
+                       "label permutations, direction re-fitted)")
+    flat = scores.reshape(n, k)
+    proj = _intervals(flat, y, with_d=True, n_boot=n_boot, seed=seed, level=level)
+    if crossfit:
+        null = _crossfit_null(x.reshape(n, k, -1), _within_fold_permutations(y, split_idx, n_perm, seed + 1),
+                              split_idx)
+        proj["p"] = empirical_pvalue(proj["auc"], null, "two-sided", center=0.5)
+    else:
+        proj["p"] = permutation_test(auc_groups, flat, y, n_perm=n_perm, seed=seed + 1,
+                                     alternative="two-sided", center=0.5)[1]
 
-    nan = torch.full((L * P,), float("nan"), dtype=torch.float64)
-    cvs = {"auc": nan, "auc_lo": nan, "auc_hi": nan, "p": nan}
+    # -- logistic probes -------------------------------------------------------------------
+    nan = torch.full((k,), float("nan"), dtype=torch.float64)
+    pr = {"auc": nan, "auc_lo": nan, "auc_hi": nan, "p": nan}
     unconverged = 0
-    if cv:
-        oof = torch.empty(n, L, P, dtype=torch.float64)
-        for i in range(L):
-            for j in range(P):
-                for tr, te in split_idx:
-                    probe = LinearProbe.fit(x[tr, i, j], y[tr], C=C, max_iter=max_iter)
-                    unconverged += not probe.converged
-                    oof[te, i, j] = probe.decision_function(x[te, i, j])
-        cvs = _score_stats(oof.reshape(n, L * P), y, with_d=False, alternative="greater",
-                           n_boot=n_boot, n_perm=n_perm, seed=seed, level=level)
+    probe_source = probe_method = "not computed"
+    if probe:
+        cells = x.reshape(n, k, -1)
+        oof = torch.empty(n, k, dtype=torch.float64)
+        if fit is not None:
+            fx = fit.x.reshape(fit.x.shape[0], k, -1)
+            for c in range(k):
+                lp = LinearProbe.fit(fx[:, c], fit.y, C=C, max_iter=max_iter)
+                unconverged += not lp.converged
+                oof[:, c] = lp.decision_function(cells[:, c])
+            pr = _intervals(oof, y, with_d=False, n_boot=n_boot, seed=seed, level=level)
+            pr["p"] = permutation_test(auc_groups, oof, y, n_perm=n_perm, seed=seed + 1,
+                                       alternative="greater")[1]
+            probe_source = f"logistic regression fitted on split {fit.split!r} (C={C})"
+            probe_method = exact.replace("fixed-direction", "held-out")
+        else:
+            for c in range(k):
+                oof[:, c], bad = _oof_probe_scores(cells[:, c], y, split_idx, C, max_iter)
+                unconverged += bad
+            pr = _intervals(oof, y, with_d=False, n_boot=n_boot, seed=seed, level=level)
+            pr["p"] = nan
+            probe_source = f"logistic regression, {folds}-fold CV on {data.split!r} (C={C})"
+            if n_perm_refit > 0:
+                perms = _within_fold_permutations(y, split_idx, n_perm_refit, seed + 2)
+                null = torch.empty(n_perm_refit, k, dtype=torch.float64)
+                for b in range(n_perm_refit):
+                    for c in range(k):
+                        s_b = _oof_probe_scores(cells[:, c], perms[b], split_idx, C, max_iter)[0]
+                        null[b, c] = auc_groups(s_b[perms[b]], s_b[~perms[b]])
+                pr["p"] = empirical_pvalue(pr["auc"], null, "greater")
+                probe_method = (f"approximate CI (bootstrap of out-of-fold scores); exact p "
+                                f"({n_perm_refit} within-fold label permutations, probes re-fitted)")
+            else:
+                probe_method = ("approximate CI (bootstrap of out-of-fold scores); no p-value "
+                                "(pass n_perm_refit > 0, or a fit split)")
 
     def grid(t: Tensor) -> np.ndarray:
         return t.reshape(L, P).numpy().astype(np.float64)
@@ -473,10 +598,12 @@ def probe_grid(
         layers=data.layers, positions=data.positions, split=data.split, n_pos=data.n_pos,
         n_neg=data.n_neg, proj_auc=grid(proj["auc"]), proj_auc_lo=grid(proj["auc_lo"]),
         proj_auc_hi=grid(proj["auc_hi"]), proj_d=grid(proj["d"]), proj_d_lo=grid(proj["d_lo"]),
-        proj_d_hi=grid(proj["d_hi"]), proj_p=grid(proj["p"]), cv_auc=grid(cvs["auc"]),
-        cv_auc_lo=grid(cvs["auc_lo"]), cv_auc_hi=grid(cvs["auc_hi"]), cv_p=grid(cvs["p"]),
-        direction_source=source, folds=folds, C=float(C), n_boot=n_boot, n_perm=n_perm, seed=seed,
-        level=level, n_unconverged=unconverged, model=dict(data.model),
+        proj_d_hi=grid(proj["d_hi"]), proj_p=grid(proj["p"]), probe_auc=grid(pr["auc"]),
+        probe_auc_lo=grid(pr["auc_lo"]), probe_auc_hi=grid(pr["auc_hi"]), probe_p=grid(pr["p"]),
+        proj_source=proj_source, proj_method=proj_method, probe_source=probe_source,
+        probe_method=probe_method, folds=folds, C=float(C), n_boot=n_boot, n_perm=n_perm,
+        n_perm_refit=n_perm_refit, seed=seed, level=level, n_unconverged=unconverged,
+        model=dict(data.model),
     )
 
 
@@ -491,7 +618,7 @@ def _is_test(split: str) -> bool:
 
 
 # -- layer selection -------------------------------------------------------------------------------
-def select_layer(grid: ProbeGrid, *, metric: Metric = "cv_auc", position: str | None = None) -> tuple[int, str]:
+def select_layer(grid: ProbeGrid, *, metric: str = "proj_auc", position: str | None = None) -> tuple[int, str]:
     """The (layer, position) with the highest ``metric`` on a *validation* grid.
 
     Refuses a grid measured on a split whose name contains ``test``: choosing the layer on the
@@ -500,8 +627,7 @@ def select_layer(grid: ProbeGrid, *, metric: Metric = "cv_auc", position: str | 
     if _is_test(grid.split):
         raise ConfigError(f"refusing to select a layer on split {grid.split!r}",
                           fix="select on a validation split and report test with evaluate_selected()")
-    if metric not in ("proj_auc", "cv_auc"):
-        raise ConfigError(f"metric must be proj_auc or cv_auc, got {metric!r}")
+    _check_metric(metric)
     values = np.array(getattr(grid, metric), dtype=np.float64)
     if position is not None:
         j = grid.index(grid.layers[0], position)[1]
@@ -509,7 +635,7 @@ def select_layer(grid: ProbeGrid, *, metric: Metric = "cv_auc", position: str | 
         keep[:, j] = values[:, j]
         values = keep
     if np.all(~np.isfinite(values)):
-        raise ConfigError(f"{metric} was not computed on this grid", fix="run probe_grid with cv=True")
+        raise ConfigError(f"{metric} was not computed on this grid", fix="run probe_grid with probe=True")
     i, j = np.unravel_index(int(np.nanargmax(np.where(np.isfinite(values), values, -np.inf))), values.shape)
     return grid.layers[int(i)], grid.positions[int(j)]
 
@@ -536,7 +662,7 @@ def evaluate_selected(
     val: Labeled,
     test: Labeled,
     *,
-    metric: Metric = "proj_auc",
+    metric: str = "proj_auc",
     position: str | None = None,
     fit: Labeled | None = None,
     **grid_kwargs: Any,
@@ -552,13 +678,14 @@ def evaluate_selected(
                           fix="pass the validation split as val= and the test split as test=")
     if fit is not None:
         _check_separate(fit, test, "fit")
-    need_cv = metric == "cv_auc"
-    val_grid = probe_grid(val, fit=fit, cv=need_cv, **grid_kwargs)
+    _check_metric(metric)
+    need_probe = metric == "probe_auc"
+    val_grid = probe_grid(val, fit=fit, probe=need_probe, **grid_kwargs)
     layer, pos = select_layer(val_grid, metric=metric, position=position)
     test_cell = test.select([layer], [pos])
     fit_cell = fit.select([layer], [pos]) if fit is not None else None
-    test_grid = probe_grid(test_cell, fit=fit_cell, cv=need_cv, **grid_kwargs)
-    key = "proj" if metric == "proj_auc" else "cv"
+    test_grid = probe_grid(test_cell, fit=fit_cell, probe=need_probe, **grid_kwargs)
+    key = "proj" if metric == "proj_auc" else "probe"
     return LayerSelection(
         layer=layer, position=pos, metric=metric, val_split=val.split, test_split=test.split,
         val_value=val_grid.cell(layer, pos)[metric], test_value=float(getattr(test_grid, metric)[0, 0]),
@@ -625,9 +752,10 @@ def transfer_auc(
         info = {"layer": layer, "position": position}
     if x.shape[-1] != probe.d_model:
         raise DModelMismatchError(expected=int(x.shape[-1]), actual=probe.d_model, what="probe")
-    s = probe.decision_function(x)[:, None]
-    st = _score_stats(s, y, with_d=False, alternative="greater", n_boot=n_boot, n_perm=n_perm,
-                      seed=seed, level=level)
+    with threads_for(x.numel()):
+        s = probe.decision_function(x)[:, None]
+        st = _intervals(s, y, with_d=False, n_boot=n_boot, seed=seed, level=level)
+        st["p"] = permutation_test(auc_groups, s, y, n_perm=n_perm, seed=seed + 1, alternative="greater")[1]
     return TransferResult(
         auc=float(st["auc"][0]), auc_lo=float(st["auc_lo"][0]), auc_hi=float(st["auc_hi"][0]),
         p=float(st["p"][0]), n_pos=int(y.sum()), n_neg=int((~y).sum()), d_model=probe.d_model,

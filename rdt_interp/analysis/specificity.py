@@ -34,6 +34,7 @@ from rdt_interp.analysis.stats import (
     cohens_d,
     empirical_pvalue,
     percentile_interval,
+    threads_for,
 )
 from rdt_interp.errors import ConfigError, DModelMismatchError
 
@@ -180,6 +181,17 @@ def specificity_test(
     differs). Use ``alternative="two-sided"`` for effects whose sign is arbitrary (e.g. AUC of
     a direction whose orientation was not fixed in advance).
     """
+    d_ = int(as_tensor(direction).shape[-1])
+    with threads_for(d_ * max(n_random, getattr(getattr(effect, "x", None), "shape", (1,))[0])):
+        return _specificity_test(effect, direction, n_random, batch_size, controls, alternative,
+                                 match_norm, n_boot, seed, level, effect_name, meta)
+
+
+def _specificity_test(
+    effect: Effect, direction: Float[Array, "d"], n_random: int, batch_size: int,
+    controls: Mapping[str, Float[Array, "dc"]] | None, alternative: str, match_norm: bool,
+    n_boot: int, seed: int, level: float, effect_name: str | None, meta: Mapping[str, Any] | None,
+) -> SpecificityResult:
     if n_random < MIN_RANDOM:
         raise ConfigError(f"n_random={n_random} is too few for a p-value below 0.01",
                           fix=f"use n_random >= {MIN_RANDOM} (1000 is the default)")

@@ -19,7 +19,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from rdt_interp.analysis._result import ResultMixin
-from rdt_interp.analysis.stats import Array, as_tensor, empirical_pvalue
+from rdt_interp.analysis.stats import Array, as_tensor, empirical_pvalue, threads_for
 from rdt_interp.errors import ConfigError, DModelMismatchError
 
 
@@ -78,7 +78,13 @@ def spectrum(
 
     ``n_null`` shuffles cost one SVD each (0 skips the null; its arrays are then NaN).
     """
-    t = as_tensor(x, dtype=torch.float64)
+    with threads_for(int(np.prod(x.shape))):
+        return _spectrum(as_tensor(x, dtype=torch.float64), center, n_components, n_null, seed, level,
+                         label)
+
+
+def _spectrum(t: Float[Tensor, "n d"], center: bool, n_components: int | None, n_null: int,
+              seed: int, level: float, label: str) -> Spectrum:
     n, d = t.shape
     if n < 2:
         raise ConfigError("a spectrum needs at least two samples")
@@ -190,7 +196,13 @@ def compare_subspaces(
     label_b: str = "b",
 ) -> SubspaceComparison:
     """Principal angles of ``span(a)`` vs ``span(b)`` against random subspaces of the same sizes."""
-    x, y = as_tensor(a, dtype=torch.float64), as_tensor(b, dtype=torch.float64)
+    with threads_for(int(np.prod(a.shape)) * 16):
+        return _compare_subspaces(as_tensor(a, dtype=torch.float64), as_tensor(b, dtype=torch.float64),
+                                  n_null, seed, level, label_a, label_b)
+
+
+def _compare_subspaces(x: Tensor, y: Tensor, n_null: int, seed: int, level: float, label_a: str,
+                       label_b: str) -> SubspaceComparison:
     if x.ndim == 1:
         x = x[None]
     if y.ndim == 1:

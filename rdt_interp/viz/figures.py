@@ -40,7 +40,12 @@ from rdt_interp.viz.style import (
 Result = Mapping[str, Any]
 _LINESTYLES = ("-", "--", "-.", ":")
 _MARKERS = ("o", "s", "^", "D", "v", "P")
-METRIC_TITLES = {"proj_auc": "Projection AUC", "cv_auc": "CV probe AUC"}
+
+
+def _grid_title(g: ProbeGrid, metric: str) -> str:
+    if metric == "proj_auc":
+        return "Projection AUC" + (" (cross-fitted)" if "cross-fitted" in g.proj_source else "")
+    return "Probe AUC" + (f" ({g.folds}-fold CV)" if "-fold CV" in g.probe_source else " (held out)")
 
 
 def _panels(ax: Axes | Sequence[Axes] | None, n: int, width: Width | None, height: float | None,
@@ -77,7 +82,7 @@ def probe_layers(
     *,
     positions: Sequence[str] | None = None,
     labels: Mapping[str, str] | None = None,
-    metrics: Sequence[str] = ("proj_auc", "cv_auc"),
+    metrics: Sequence[str] = ("proj_auc", "probe_auc"),
     ax: Axes | Sequence[Axes] | None = None,
     width: Width | None = None,
     height: float | None = None,
@@ -102,7 +107,7 @@ def probe_layers(
                        label=labels.get(pos, pos))
                 lows.append(np.nanmin(lo))
             a.axhline(0.5, color=NULL_COLOR, ls="--", lw=0.8, zorder=0)
-            a.set_title(METRIC_TITLES.get(metric, metric))
+            a.set_title(_grid_title(g, metric))
             a.set_xlabel("layer")
             a.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
         axes[0].set_ylabel("AUC")

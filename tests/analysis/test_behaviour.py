@@ -102,6 +102,8 @@ def test_hrr_magnitude_and_mean_bin_on_constructed_actions(tmp_path):
     back = ActionMetrics.load(tmp_path / "am.json")
     assert to_json(back.to_dict()) == to_json(res.to_dict())
     assert back.value("hrr_partial") == (res.hrr_partial, res.hrr_partial_lo, res.hrr_partial_hi)
+    with pytest.raises(ConfigError, match="pass logits"):
+        action_metrics(t)
     with pytest.raises(ConfigError, match="not action tokens"):
         action_metrics(t, ids=torch.zeros(1, 7, dtype=torch.long))
 

@@ -8,6 +8,8 @@ from rdt_interp.analysis.probes import (
     Labeled,
     LinearProbe,
     ProbeGrid,
+    _crossfit_null,
+    _within_fold_permutations,
     class_mean_difference,
     evaluate_selected,
     fit_probe,
@@ -16,7 +18,7 @@ from rdt_interp.analysis.probes import (
     select_layer,
     transfer_auc,
 )
-from rdt_interp.analysis.stats import auc
+from rdt_interp.analysis.stats import auc, stratified_folds
 from rdt_interp.errors import ConfigError, DModelMismatchError
 from rdt_interp.storage import to_json
 from rdt_interp.tracing.capture import Activations
@@ -45,7 +47,7 @@ def planted(n_per_class: int, seed: int, *, split: str, direction: torch.Tensor 
 
 def test_projection_along_the_true_direction_has_the_theoretical_auc():
     data, r = planted(300, 0, split="val")
-    g = probe_grid(data, directions=r, cv=False, n_boot=300, n_perm=300)
+    g = probe_grid(data, directions=r, probe=False, n_boot=300, n_perm=300)
     for i, s in enumerate(SIGNAL):
         want = _phi(s / math.sqrt(2))
         assert g.proj_auc[i, 0] == pytest.approx(want, abs=0.05)
@@ -57,19 +59,55 @@ def test_projection_along_the_true_direction_has_the_theoretical_auc():
     assert g.proj_auc_lo[0, 0] < 0.5 < g.proj_auc_hi[0, 0]
     assert g.proj_p[0, 0] > 0.05
     assert g.proj_p[3, 0] == pytest.approx(1 / 301)
-    assert np.all(np.isnan(g.cv_auc))
+    assert np.all(np.isnan(g.probe_auc))
 
 
 def test_cross_fitted_and_cv_probe_find_the_signal_layers_only():
     data, _ = planted(60, 1, split="val")
     g = probe_grid(data, folds=4, n_boot=200, n_perm=200)
-    assert "cross-fitted" in g.direction_source
-    assert g.cv_auc[3, 0] > 0.9 and g.proj_auc[3, 0] > 0.9
-    assert g.cv_p[3, 0] < 0.01 and g.proj_p[3, 0] < 0.01
+    assert "cross-fitted" in g.proj_source and "approximate CI" in g.proj_method
+    assert "4-fold CV" in g.probe_source and "no p-value" in g.probe_method
+    assert g.probe_auc[3, 0] > 0.9 and g.proj_auc[3, 0] > 0.9
+    assert g.proj_p[3, 0] == pytest.approx(1 / 201) and g.proj_p[0, 0] > 0.05
+    assert np.all(np.isnan(g.probe_p))  # CV p-values need re-fitting: not done unless asked
     for i in (0, 1):
-        assert g.cv_auc_lo[i, 0] < 0.5 + 0.05 and g.cv_auc_hi[i, 0] > 0.5 - 0.05
-    assert np.all(g.cv_auc[:, 1] < 0.75)  # the noise position carries nothing
+        assert g.probe_auc_lo[i, 0] < 0.5 + 0.05 and g.probe_auc_hi[i, 0] > 0.5 - 0.05
+    assert np.all(g.probe_auc[:, 1] < 0.75)  # the noise position carries nothing
     assert g.n_pos == g.n_neg == 60
+    # Re-fitting permutation test of the CV probe, on two cells.
+    small = probe_grid(data.select([0, 3], ["last"]), folds=4, n_boot=50, n_perm=50, n_perm_refit=19)
+    assert small.probe_p[1, 0] == pytest.approx(1 / 20) and small.probe_p[0, 0] > 0.05
+    assert "19 within-fold label permutations" in small.probe_method
+
+
+def test_refit_null_reproduces_the_cross_fitted_statistic_and_is_calibrated():
+    data, _ = planted(40, 2, split="val")
+    g = probe_grid(data, folds=4, probe=False, n_boot=10, n_perm=10)
+    folds = stratified_folds(data.y, 4, 0)
+    n = data.x.shape[0]
+    again = _crossfit_null(data.x.reshape(n, 8, D), data.y[None], folds)  # the observed labels
+    np.testing.assert_allclose(again.numpy().reshape(4, 2), g.proj_auc, atol=1e-6)
+    perms = _within_fold_permutations(data.y, folds, 50, 0)
+    for _, te in folds:  # per-fold class counts are kept
+        assert torch.equal(perms[:, te].sum(1), data.y[te].sum().expand(50))
+    # Pure noise, 64 cells: p-values are not too small too often.
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 32, 2, 16, generator=gen) + 2.0
+    noise = Labeled(x, torch.arange(40) < 20, tuple(range(32)), ("a", "b"), "val")
+    p = probe_grid(noise, folds=4, probe=False, n_boot=10, n_perm=200).proj_p
+    assert np.mean(p < 0.05) <= 0.12 and 0.3 < np.mean(p) < 0.7
+
+
+def test_held_out_probe_and_direction_from_a_fit_split_are_exact():
+    train, _ = planted(60, 12, split="train")
+    test, _ = planted(60, 13, split="test")
+    g = probe_grid(test, fit=train, n_boot=200, n_perm=200)
+    assert g.probe_source.startswith("logistic regression fitted on split 'train'")
+    assert g.probe_method.startswith("exact") and g.proj_method.startswith("exact")
+    assert g.probe_auc[3, 0] > 0.9 and g.probe_p[3, 0] == pytest.approx(1 / 201)
+    assert g.probe_auc_lo[0, 0] < 0.5 < g.probe_auc_hi[0, 0]
+    want = float(auc(fit_probe(train, 3, "last").decision_function(test.cell(3, "last")), test.y))
+    assert g.probe_auc[3, 0] == pytest.approx(want)
 
 
 def test_cv_probe_is_honest_where_an_in_sample_probe_is_not():
@@ -80,31 +118,32 @@ def test_cv_probe_is_honest_where_an_in_sample_probe_is_not():
     in_sample = fit_probe(data, 0)
     assert float(auc(in_sample.decision_function(x[:, 0, 0]), data.y)) == 1.0
     g = probe_grid(data, folds=4, n_boot=200, n_perm=200)
-    assert g.cv_auc[0, 0] < 0.75 and g.cv_p[0, 0] > 0.05
+    assert g.probe_auc[0, 0] < 0.75 and g.probe_auc_lo[0, 0] < 0.5
 
 
 def test_direction_from_a_separate_fit_split_and_split_guards():
     train, _ = planted(80, 3, split="train")
     val, _ = planted(80, 4, split="val")
-    g = probe_grid(val, fit=train, cv=False, n_boot=100, n_perm=100)
-    assert g.direction_source == "class-mean difference on split 'train'"
+    g = probe_grid(val, fit=train, probe=False, n_boot=100, n_perm=100)
+    assert g.proj_source == "class-mean difference of split 'train'"
     want = float(auc(val.cell(3, "last") @ class_mean_difference(train.x, train.y)[3, 0], val.y))
     assert g.proj_auc[3, 0] == pytest.approx(want)
     with pytest.raises(ConfigError, match="split"):
-        probe_grid(val, fit=val, cv=False)
-    with pytest.raises(ConfigError, match="not both"):
-        probe_grid(val, fit=train, directions=torch.ones(D), cv=False)
+        probe_grid(val, fit=val, probe=False)
+    # A given direction for the projection, the fit split for the probe.
+    both = probe_grid(val.select([3]), fit=train.select([3]), directions=torch.ones(D), n_boot=20, n_perm=20)
+    assert both.proj_source == "given" and "fitted on split 'train'" in both.probe_source
     with pytest.raises(DModelMismatchError):
-        probe_grid(val, directions=torch.ones(D + 1), cv=False)
+        probe_grid(val, directions=torch.ones(D + 1), probe=False)
 
 
 def test_layer_selection_uses_validation_and_reports_test():
     train, _ = planted(60, 5, split="train")
     val, _ = planted(60, 6, split="val")
     test, _ = planted(60, 7, split="test")
-    val_grid = probe_grid(val, fit=train, cv=False, n_boot=100, n_perm=100)
+    val_grid = probe_grid(val, fit=train, probe=False, n_boot=100, n_perm=100)
     assert select_layer(val_grid, metric="proj_auc") == (3, "last")
-    test_grid = probe_grid(test, fit=train, cv=False, n_boot=100, n_perm=100)
+    test_grid = probe_grid(test, fit=train, probe=False, n_boot=100, n_perm=100)
     with pytest.raises(ConfigError, match="refusing to select"):
         select_layer(test_grid, metric="proj_auc")
     with pytest.raises(ConfigError):
@@ -123,7 +162,7 @@ def test_probe_grid_round_trips_through_json(tmp_path):
     back = ProbeGrid.load(tmp_path / "grid.json")
     assert to_json(back.to_dict()) == to_json(g.to_dict())
     assert back.layers == g.layers and back.positions == g.positions
-    assert back.cell(3, "last")["cv_auc"] == g.cell(3, "last")["cv_auc"]
+    assert back.cell(3, "last")["probe_auc"] == g.cell(3, "last")["probe_auc"]
     with pytest.raises(ConfigError, match="not a ProbeGrid"):
         ProbeGrid.from_dict({**g.to_dict(), "kind": "Spectrum"})
 

@@ -26,9 +26,10 @@ def test_probe_layers_draws_each_position_per_metric_from_a_dict(results):
     proj_ax, cv_ax = fig.axes
     (line,) = _lines_with_label(proj_ax, "last text")
     np.testing.assert_allclose(line.get_ydata(), g.proj_auc[:, 0])
-    np.testing.assert_allclose(_lines_with_label(cv_ax, "first(action)")[0].get_ydata(), g.cv_auc[:, 1])
+    np.testing.assert_allclose(_lines_with_label(cv_ax, "first(action)")[0].get_ydata(), g.probe_auc[:, 1])
     assert any(np.allclose(ln.get_ydata(), 0.5) for ln in proj_ax.get_lines())  # chance line
-    assert proj_ax.get_title() == "Projection AUC"
+    assert proj_ax.get_title() == "Projection AUC (cross-fitted)"
+    assert cv_ax.get_title() == "Probe AUC (3-fold CV)"
     one = figures.probe_layers(g, metrics=("proj_auc",), positions=("first(action)",))
     assert len(one.axes) == 1 and one.get_size_inches()[0] == pytest.approx(3.35)
     assert plt.get_fignums() == []
