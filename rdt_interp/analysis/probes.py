@@ -448,16 +448,18 @@ def _crossfit_null(
     n_perm, n = labels.shape
     out = torch.empty(n_perm, x.shape[1], dtype=torch.float64)
     for c in range(x.shape[1]):
-        xc = x[:, c].double()
+        # Centred as in probe_grid; float32 like the activations (float64 doubles the time).
+        xc = x[:, c].float()
+        xc = xc - xc.mean(dim=0, keepdim=True)
         gram = xc @ xc.T
-        scores = torch.empty(n, n_perm, dtype=torch.float64)
+        scores = torch.empty(n, n_perm, dtype=torch.float32)
         for tr, te in split_idx:
             tr_t, te_t = torch.as_tensor(tr), torch.as_tensor(te)
             lab = labels[:, tr_t].T  # [n_train, n_perm]
-            n1 = lab.sum(dim=0, keepdim=True).double()
+            n1 = lab.sum(dim=0, keepdim=True).float()
             w = torch.where(lab, 1.0 / n1, -1.0 / (lab.shape[0] - n1))
             g_tr = gram[tr_t][:, tr_t]
-            norm = (w * (g_tr @ w)).sum(dim=0).clamp_min(1e-300).sqrt()
+            norm = (w * (g_tr @ w)).sum(dim=0).clamp_min(1e-30).sqrt()
             scores[te_t] = (gram[te_t][:, tr_t] @ w) / norm
         out[:, c] = auc_columns(scores, labels.T)
     return out
@@ -535,9 +537,12 @@ def _probe_grid(
         scores = _project(x, class_mean_difference(fit.x, fit.y))
         proj_source, proj_method = f"class-mean difference of split {fit.split!r}", exact
     else:
+        # Centred by the mean of all samples (label-free): otherwise each fold's scores shift by
+        # mean . r_fold, noise that pooling the folds would add to the AUC.
+        xc = x - x.mean(dim=0, keepdim=True)
         scores = torch.empty(n, L, P, dtype=x.dtype)
         for tr, te in split_idx:
-            scores[te] = _project(x[te], class_mean_difference(x[tr], y[tr]))
+            scores[te] = _project(xc[te], class_mean_difference(xc[tr], y[tr]))
         proj_source = f"class-mean difference cross-fitted over {folds} folds"
         proj_method = ("approximate CI (bootstrap of out-of-fold scores); exact p (within-fold "
                        "label permutations, direction re-fitted)")

@@ -87,6 +87,11 @@ def test_refit_null_reproduces_the_cross_fitted_statistic_and_is_calibrated():
     n = data.x.shape[0]
     again = _crossfit_null(data.x.reshape(n, 8, D), data.y[None], folds)  # the observed labels
     np.testing.assert_allclose(again.numpy().reshape(4, 2), g.proj_auc, atol=1e-6)
+    # Centred: a common offset (real residual streams have a large mean) changes nothing.
+    shifted = Labeled(data.x + 50.0 * torch.randn(D, generator=torch.Generator().manual_seed(1)), data.y,
+                      data.layers, data.positions, "val")
+    np.testing.assert_allclose(probe_grid(shifted, folds=4, probe=False, n_boot=10, n_perm=10).proj_auc,
+                               g.proj_auc, atol=2e-3)
     perms = _within_fold_permutations(data.y, folds, 50, 0)
     for _, te in folds:  # per-fold class counts are kept
         assert torch.equal(perms[:, te].sum(1), data.y[te].sum().expand(50))
