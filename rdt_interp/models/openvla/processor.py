@@ -40,15 +40,25 @@ class ViewTransform:
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
-    def __call__(self, img: Image.Image) -> np.ndarray:
-        """``float32 [3, h, w]``."""
-        img = _resize(img, self.resize, self.resample)
-        img = _center_crop(img, self.crop)
+    @property
+    def geometry(self) -> tuple[Any, ...]:
+        return (self.resize, self.crop, self.resample)
+
+    def scaled(self, img: Image.Image) -> np.ndarray:
+        """Resized, cropped, ``/ 255``: ``float32 [h, w, 3]`` (what ``to_tensor`` gives, HWC)."""
+        img = _center_crop(_resize(img, self.resize, self.resample), self.crop)
         # the float32 operations of to_tensor + normalize, in their order (bit-exact), in numpy:
         # single-threaded, so many small images do not pay torch's per-op threading overhead
-        x = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+        return np.asarray(img, dtype=np.float32) / np.float32(255.0)
+
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        """``float32 [h, w, 3]`` in [0, 1] -> normalized ``float32 [3, h, w]``."""
         x = (x - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
         return x.transpose(2, 0, 1)
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        """``float32 [3, h, w]``."""
+        return self.normalize(self.scaled(img))
 
 
 def _resize(img: Image.Image, size: int | tuple[int, int], resample: int) -> Image.Image:
@@ -103,6 +113,8 @@ class OpenVLAImageProcessor:
             raise ConfigError(f"unknown image_resize_strategy {self.strategy!r}", fix=f"use one of {STRATEGIES}")
         if self.strategy == "letterbox" and self.letterbox_fill is None:
             raise ConfigError("letterbox needs a fill colour (tvf_letterbox_fill)")
+        if len({v.crop for v in self.views}) > 1:
+            raise ConfigError("the ViTs' input sizes differ; their pixel values cannot be stacked")
 
     @property
     def channels(self) -> int:
@@ -173,14 +185,26 @@ class OpenVLAImageProcessor:
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         if not items:
             raise ConfigError("no images given")
-        return torch.from_numpy(np.ascontiguousarray(np.stack([self.one(_as_pil(im)) for im in items])))
+        h, w = self.views[0].crop
+        out = np.empty((len(items), self.channels, h, w), dtype=np.float32)
+        for i, im in enumerate(items):
+            self.one(_as_pil(im), out=out[i])
+        return torch.from_numpy(out)
 
-    def one(self, img: Image.Image) -> np.ndarray:
+    def one(self, img: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
         """One image -> ``float32 [channels, h, w]`` (views stacked on channels)."""
         if self.strategy == "letterbox":
             assert self.letterbox_fill is not None
             img = _letterbox(img, self.letterbox_fill)
-        return np.concatenate([view(img) for view in self.views], axis=0)
+        if out is None:
+            h, w = self.views[0].crop
+            out = np.empty((self.channels, h, w), dtype=np.float32)
+        scaled: dict[tuple[Any, ...], np.ndarray] = {}  # OpenVLA's ViTs share one resize
+        for k, view in enumerate(self.views):
+            if view.geometry not in scaled:
+                scaled[view.geometry] = view.scaled(img)
+            out[3 * k: 3 * k + 3] = view.normalize(scaled[view.geometry])
+        return out
 
 
 def _as_pil(image: Any) -> Image.Image:
