@@ -40,7 +40,11 @@ def cosine_similarity(a: Float[Array, "*batch da"], b: Float[Array, "*batch db"]
 
 
 def cosine_matrix(a: Float[Array, "m da"], b: Float[Array, "k db"]) -> Float[Tensor, "m k"]:
-    """All-pairs cosine, e.g. every layer of model A against every layer of model B."""
+    """All-pairs cosine, e.g. every layer of model A against every layer of model B.
+
+    A zero direction (e.g. a class-mean difference at layer 0 over chat-template tokens, where
+    every prompt has the same embedding) has no cosine: NaN.
+    """
     x, y = as_tensor(a, dtype=torch.float64), as_tensor(b, dtype=torch.float64)
     _check_width(x, y)
     return (x / x.norm(dim=-1, keepdim=True)) @ (y / y.norm(dim=-1, keepdim=True)).T
@@ -91,7 +95,7 @@ class AlignmentResult(ResultMixin):
     name_b: str
     d_model: int
     layers: tuple[int, ...]
-    cos: Float[np.ndarray, "layer"]
+    cos: Float[np.ndarray, "layer"]  # NaN where a direction is zero
     p: Float[np.ndarray, "layer"]
     layers_a: tuple[int, ...]
     layers_b: tuple[int, ...]
@@ -124,8 +128,8 @@ def align_directions(
     lb = tuple(range(y.shape[0])) if layers_b is None else tuple(int(v) for v in layers_b)
     if len(la) != x.shape[0] or len(lb) != y.shape[0]:
         raise ConfigError("layer labels do not match the number of directions")
-    if bool((x.norm(dim=-1) == 0).any()) or bool((y.norm(dim=-1) == 0).any()):
-        raise ConfigError("a direction has zero norm")
+    if bool((x.norm(dim=-1) == 0).all()) or bool((y.norm(dim=-1) == 0).all()):
+        raise ConfigError("every direction of a set has zero norm")
     shared = tuple(sorted(set(la) & set(lb)))
     matrix = cosine_matrix(x, y)
     ia = [la.index(v) for v in shared]

@@ -205,10 +205,10 @@ def class_mean_difference(
 
 
 def _unit(d: Tensor) -> Tensor:
+    # A zero class-mean difference is real (layer 0 at chat-template tokens: the same embedding
+    # for every prompt); it stays zero, so its scores tie: AUC 0.5, p = 1.
     norm = d.norm(dim=-1, keepdim=True)
-    if bool((norm == 0).any()):
-        raise ConfigError("a direction has zero norm", fix="check the direction (all-zero vector)")
-    return d / norm
+    return torch.where(norm > 0, d / norm.clamp_min(torch.finfo(d.dtype).tiny), torch.zeros_like(d))
 
 
 def _project(x: Float[Tensor, "n layer pos d"], dirs: Float[Tensor, "layer pos d"]) -> Tensor:

@@ -22,5 +22,5 @@ from rdt_interp.viz.style import (
 __all__ = [
     "COLUMN_WIDTH", "OKABE_ITO", "PAGE_WIDTH", "action_bars", "action_sweep", "alignment_layers",
     "alignment_matrix", "new_figure", "paper_style", "principal_angles_plot", "probe_layers",
-    "save_figure", "specificity_plot", "spectrum_plot",
+    "save_figure", "specificity_plot", "spectrum_plot", "use_paper_style",
 ]

@@ -114,7 +114,11 @@ def probe_layers(
         axes[0].set_ylim(min(0.4, float(np.nanmin(lows)) - 0.03), 1.02)
         _note(axes[0], f"n = {g.n_pos} + {g.n_neg}, {g.split}; {int(round(100 * g.level))}% CI")
         if len(positions) > 1:
-            axes[-1].legend(loc="lower right")
+            if ax is None:  # our own figure: one legend below the panels, clear of every line
+                fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center",
+                           ncols=min(len(positions), 4))
+            else:
+                axes[-1].legend(loc="best")
     return fig
 
 
@@ -144,8 +148,11 @@ def alignment_layers(
         a.set_xlabel("layer")
         a.set_ylabel("cosine similarity")
         a.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
-        lim = min(1.05, max(1.1 * float(np.max(np.abs(r.cos))), 3 * r.null_q99))
-        a.set_ylim(-lim if np.min(r.cos) < -r.null_q99 else -min(lim, 3 * r.null_q99), lim)
+        finite = r.cos[np.isfinite(r.cos)]  # a zero direction has no cosine (NaN): a gap
+        top = float(np.max(np.abs(finite))) if finite.size else 0.0
+        lim = min(1.05, max(1.1 * top, 3 * r.null_q99))
+        low = finite.size and float(np.min(finite)) < -r.null_q99
+        a.set_ylim(-lim if low else -min(lim, 3 * r.null_q99), lim)
         a.legend(loc="best")
     return fig
 
@@ -239,7 +246,7 @@ def principal_angles_plot(
         a.set_xlabel("principal angle index")
         a.set_ylabel("angle (°)")
         a.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
-        a.legend(loc="lower right")
+        a.legend(loc="best")
     return fig
 
 

@@ -90,6 +90,12 @@ def paper_style() -> Iterator[None]:
         yield
 
 
+def use_paper_style() -> None:
+    """Apply the project style globally (scripts, notebooks): text added to a figure after it
+    was built (titles, annotations) then matches the figure."""
+    matplotlib.rcParams.update(RC)
+
+
 def _width(width: Width) -> float:
     if width == "column":
         return COLUMN_WIDTH

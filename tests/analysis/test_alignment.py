@@ -83,3 +83,8 @@ def test_alignment_uses_shared_layer_labels_and_refuses_other_widths(tmp_path):
         cosine_matrix(torch.randn(2, 16), torch.randn(2, 17))
     with pytest.raises(ConfigError, match="zero norm"):
         align_directions(torch.zeros(1, 16), torch.randn(1, 16))
+    # A zero direction among others (layer 0 at template tokens) has no cosine, not an error.
+    a0 = a.clone()
+    a0[0] = 0.0
+    res0 = align_directions(a0, b, layers_a=(0, 1, 2, 3), layers_b=(0, 1, 2))
+    assert np.isnan(res0.cos[0]) and np.isnan(res0.p[0]) and np.isfinite(res0.cos[1:]).all()

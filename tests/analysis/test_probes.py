@@ -115,6 +115,19 @@ def test_held_out_probe_and_direction_from_a_fit_split_are_exact():
     assert g.probe_auc[3, 0] == pytest.approx(want)
 
 
+def test_a_layer_without_information_gives_chance_not_an_error():
+    # resid_pre of layer 0 at chat-template tokens: the same vector for every prompt.
+    data, _ = planted(20, 5, split="val")
+    x = data.x.clone()
+    x[:, 0] = 1.5
+    const = Labeled(x, data.y, data.layers, data.positions, "val")
+    for g in (probe_grid(const, folds=4, n_boot=50, n_perm=50),
+              probe_grid(const, fit=planted(20, 6, split="train")[0], probe=False, n_boot=50, n_perm=50)):
+        np.testing.assert_array_equal(g.proj_auc[0], [0.5, 0.5])
+        np.testing.assert_array_equal(g.proj_p[0], [1.0, 1.0])
+        assert g.proj_auc[3, 0] > 0.8
+
+
 def test_cv_probe_is_honest_where_an_in_sample_probe_is_not():
     # d >> n and no signal at all: the in-sample probe separates perfectly, CV does not.
     gen = torch.Generator().manual_seed(2)
