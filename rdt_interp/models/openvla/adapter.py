@@ -131,7 +131,7 @@ class OpenVLAAdapter(VLAAdapter):
     def encode_tokens(
         self,
         input_ids: Sequence[Sequence[int]] | Int[Tensor, "batch seq"],
-        pixel_values: Float[Tensor, "batch channels h w"],
+        pixel_values: Float[Tensor, "images channels h w"],
         *,
         roles: Sequence[Sequence[int]] | None = None,
         padding_side: PaddingSide = "left",

@@ -135,7 +135,7 @@ class OpenVLAModel(nn.Module):
         self,
         input_ids: Int[Tensor, "batch seq"] | None = None,
         attention_mask: Int[Tensor, "batch mask_seq"] | None = None,
-        pixel_values: Float[Tensor, "batch channels h w"] | None = None,
+        pixel_values: Float[Tensor, "images channels h w"] | None = None,
         position_ids: Int[Tensor, "batch pos_seq"] | None = None,
         past_key_values: Any = None,
         inputs_embeds: Float[Tensor, "batch seq d"] | None = None,
