@@ -13,7 +13,15 @@ from rdt_interp.tracing.interventions import (
     rdt_plus,
 )
 from rdt_interp.tracing.recorder import Recorder
-from rdt_interp.tracing.session import NNsightRunner, TraceSession
+
+
+def __getattr__(name: str):
+    # nnsight is imported on first use, so the hook path works where nnsight is not installed
+    if name in ("NNsightRunner", "TraceSession"):
+        from rdt_interp.tracing import session
+
+        return getattr(session, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "AblateDirection", "Activations", "AddDirection", "Generation", "HookRunner", "InterventionPlan",
