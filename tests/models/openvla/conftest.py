@@ -30,6 +30,17 @@ def random_images(n: int, seed: int, size: tuple[int, int] = (224, 224)) -> list
     return [rng.integers(0, 256, (*size, 3), dtype=np.uint8) for _ in range(n)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """These models are tiny: a second torch thread buys nothing, and on a loaded machine its
+    barrier waits cost more than the work (a single prediction took ~20x the CPU time with 2
+    threads than with 1 while other jobs ran). Set per test module here and restored after it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def manifest() -> dict:
     return json.loads((FIXTURE / "manifest.json").read_text())
