@@ -21,6 +21,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from rdt_interp.errors import ConfigError
+from rdt_interp.models.adapter import position_ids_from_mask
 from rdt_interp.models.openvla.config import OpenVLAConfig
 from rdt_interp.models.openvla.vision import VisionBackbone
 
@@ -156,8 +157,6 @@ class OpenVLAModel(nn.Module):
             past_key_values = cache
         if pixel_values is None:
             if past_key_values is None and input_ids is not None and position_ids is None and attention_mask is not None:
-                from rdt_interp.models.adapter import position_ids_from_mask
-
                 position_ids = position_ids_from_mask(attention_mask)
             out = lm(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                      position_ids=position_ids, use_cache=use_cache, output_hidden_states=output_hidden_states,
@@ -186,8 +185,6 @@ class OpenVLAModel(nn.Module):
         merged = layout.merge(embeds, projected)
         mm_mask = layout.merge(text_mask, torch.tensor(1, device=text_mask.device))
         if position_ids is None:
-            from rdt_interp.models.adapter import position_ids_from_mask
-
             position_ids = position_ids_from_mask(mm_mask)
         elif position_ids.shape != mm_mask.shape:
             raise ConfigError(f"position_ids have shape {tuple(position_ids.shape)}, the decoder sees "
