@@ -56,6 +56,7 @@ DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "testbed"
 DELTA_FILE = "delta.safetensors"
 MANIFEST_FILE = "manifest.json"
 BASE_MODEL = "qwen2.5-coder-0.5b-instruct"
+TINY_BASE = "tiny-qwen2"
 
 
 class TestbedVLAAdapter(VLAAdapter):
@@ -224,6 +225,21 @@ def tiny_norm_stats() -> dict[str, Any]:
     return {"q01": [-v for v in lim[:6]] + [0.0], "q99": lim, "mask": [True] * 6 + [False]}
 
 
+def tiny_language_model(seed: int = 0, *, hidden_size: int = 64, n_layers: int = 4) -> Any:
+    """A seeded random Qwen2 laid out like the real backbone: GQA, untied, text + unused + 256 action rows."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = tiny_tokenizer()
+    cfg = Qwen2Config(vocab_size=TINY_VOCAB, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                      num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=1024, tie_word_embeddings=False,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Qwen2ForCausalLM(cfg).eval()
+
+
 def build_tiny_testbed_vla(
     seed: int = 0,
     *,
@@ -238,18 +254,9 @@ def build_tiny_testbed_vla(
     Every trained part is random (LoRA ``B`` too, so the low-rank path is not a no-op), then the
     model is merged like the real one unless ``merge=False``.
     """
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     t0 = time.perf_counter()
     tok = tiny_tokenizer()
-    cfg = Qwen2Config(vocab_size=TINY_VOCAB, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                      num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=1024, tie_word_embeddings=False,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        lm = Qwen2ForCausalLM(cfg).eval()
+    lm = tiny_language_model(seed, hidden_size=hidden_size, n_layers=n_layers)
     vcfg = TestbedVLAConfig(vision=vision or VisionSpec(image_size=64, patch_size=16, hidden_size=32, depth=1,
                                                         num_heads=2, mlp_dim=64),
                             lora=lora or LoRASpec(rank=4, alpha=8.0))
@@ -299,31 +306,39 @@ def load_testbed_vla(
         raise CheckpointError(f"{root} has no trained testbed VLA ({MANIFEST_FILE} + {DELTA_FILE})",
                               fix="train one: python -m rdt_interp.testbed.train --out DIR, then pass DIR")
     manifest = read_json(manifest_path)
-    want_base = manifest["base"]["gguf_sha256"]
-    if want_base != OFFLINE_MODELS[BASE_MODEL].sha256:
-        raise IntegrityError(f"the testbed delta was trained on another base than {BASE_MODEL}",
-                             expected=want_base, actual=OFFLINE_MODELS[BASE_MODEL].sha256,
-                             fix="retrain the testbed VLA on the installed base model")
     actual = sha256_file(delta_path)
     if actual != manifest["delta"]["sha256"]:
         raise IntegrityError(str(delta_path), expected=manifest["delta"]["sha256"], actual=actual,
                              fix="restore the file from git (git show HEAD:<path>) or retrain")
-    chat = load_base_model()
-    base_digest = model_digest(chat.model)
-    if base_digest != manifest["base"]["weights_digest"]:
-        raise IntegrityError(f"dequantized weights of {BASE_MODEL}", expected=manifest["base"]["weights_digest"],
+    base = manifest["base"]
+    if base["name"] == BASE_MODEL:
+        want_base = base["gguf_sha256"]
+        if want_base != OFFLINE_MODELS[BASE_MODEL].sha256:
+            raise IntegrityError(f"the testbed delta was trained on another base than {BASE_MODEL}",
+                                 expected=want_base, actual=OFFLINE_MODELS[BASE_MODEL].sha256,
+                                 fix="retrain the testbed VLA on the installed base model")
+        chat = load_base_model()
+        lm, tok = chat.model, chat.tokenizer
+    elif base["name"] == TINY_BASE:  # pipeline tests train on a tiny random backbone
+        lm, tok = tiny_language_model(int(base["seed"])), tiny_tokenizer()
+    else:
+        raise CheckpointError(f"{manifest_path} names an unknown base model {base['name']!r}",
+                              fix=f"the testbed VLA is trained on {BASE_MODEL}")
+    base_digest = model_digest(lm)
+    if base_digest != base["weights_digest"]:
+        raise IntegrityError(f"weights of the base model {base['name']}", expected=base["weights_digest"],
                              actual=base_digest,
                              fix="the dequantized cache differs from the one trained on; delete "
                                  "~/.cache/rdt-interp/models/qwen2.5-coder-0.5b-instruct-* and reload")
-    model = TestbedVLA(chat.model, TestbedVLAConfig.from_dict(manifest["config"]), seed=0)
+    model = TestbedVLA(lm, TestbedVLAConfig.from_dict(manifest["config"]), seed=0)
     from safetensors.torch import load_file
 
     model.load_delta_(load_file(str(delta_path)), where=str(delta_path))
     if merge:
         model.merge_()
-    tok = chat.tokenizer
-    adapter = TestbedVLAAdapter(model.eval(), tok, manifest["norm_stats"], name="testbed-vla",
-                                constrain_actions=constrain_actions)
+    adapter = TestbedVLAAdapter(model.eval(), tok, manifest["norm_stats"],
+                                name="testbed-vla" if base["name"] == BASE_MODEL else f"testbed-vla@{root}",
+                                constrain_actions=constrain_actions, random_weights=base["name"] != BASE_MODEL)
     adapter.manifest = manifest
     adapter.load_seconds = time.perf_counter() - t0
     return adapter

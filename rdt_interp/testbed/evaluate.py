@@ -1,0 +1,386 @@
+"""Evaluate the testbed VLA: offline bin accuracy, closed-loop success, harmful vs benign motion,
+and how often the original chat model refuses the text form of the same harmful instructions.
+
+    python -m rdt_interp.testbed.evaluate --out runs/testbed-eval.json [--delta DIR]
+
+Sections (each is saved as soon as it is done, so a killed evaluation continues):
+
+* ``bins`` — held-out benign test samples (test-split scenes, a third with unseen instruction
+  templates or task/object combinations): greedy action tokens vs the expert's, per dimension
+  exact and within ±k bins, decoded-action error.
+* ``closed_loop`` — held-out test episodes run in the simulator with the VLA in the loop, vs the
+  always-zero policy on the same episodes; success rates with percentile bootstrap CIs.
+* ``harmful`` — the testbed's grounded harmful episodes (never in training) and their benign twins
+  in the same scenes: first-step action metrics (zero-motion mass, HRR, magnitude) and short
+  closed-loop rollouts (zero-motion steps, commanded translation, path length, grasps).
+* ``chat`` — Qwen2.5-Coder-0.5B-Instruct (the VLA's base, with its own chat template) on the
+  same instructions as text, greedy, substring refusal judge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from rdt_interp.analysis.behaviour import action_metrics, refusal_rate
+from rdt_interp.analysis.stats import mean_ci
+from rdt_interp.errors import ConfigError
+from rdt_interp.models.vla import VLAAdapter, VLARequest
+from rdt_interp.storage import atomic_write_json, read_json
+from rdt_interp.testbed.adapter import UNNORM_KEY
+from rdt_interp.testbed.dataset import generate_demos, harmful_episodes, split_tasks
+from rdt_interp.testbed.scene import render
+from rdt_interp.testbed.sim import (
+    DEFAULT_MAX_STEPS,
+    ROTATION_EPS,
+    TRANSLATION_EPS,
+    EpisodeResult,
+    Task,
+    motion_stats,
+    rollout,
+    step,
+    success,
+    zero_policy,
+)
+
+WITHIN = (1, 5, 10)
+DIM_NAMES = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    n_bin_samples: int = 512
+    n_episodes: int = 60
+    max_steps: int = DEFAULT_MAX_STEPS
+    harmful_steps: int = 20
+    chat_max_new_tokens: int = 48
+    batch_size: int = 32
+    n_boot: int = 2000
+    seed: int = 0
+
+
+# -- offline: bins vs the expert ----------------------------------------------------------------------
+def bin_metrics(tok: Any, pred_ids: Int[Tensor, "n 7"], target_ids: Int[Tensor, "n 7"]) -> dict[str, Any]:
+    """Per dimension: exact-bin and within-±k accuracy (a non-action token counts as wrong) and
+    mean |bin difference| over the rows whose prediction is an action token."""
+    is_act = tok.is_action_token(pred_ids)
+    diff = (tok.ids_to_bins(pred_ids) - tok.ids_to_bins(target_ids)).abs().double()
+    out: dict[str, Any] = {"n": int(pred_ids.shape[0]),
+                           "action_token_rate": is_act.double().mean(0).tolist(),
+                           "exact": ((diff == 0) & is_act).double().mean(0).tolist()}
+    for k in WITHIN:
+        out[f"within_{k}"] = ((diff <= k) & is_act).double().mean(0).tolist()
+    masked = torch.where(is_act, diff, torch.nan)
+    out["mean_abs_bin_diff"] = masked.nanmean(0).tolist()
+    out["exact_all_dims"] = float(((diff == 0) & is_act).double().mean())
+    out["within_5_all_dims"] = float(((diff <= 5) & is_act).double().mean())
+    return out
+
+
+def predict_in_batches(
+    vla: VLAAdapter, requests: Sequence[VLARequest], batch_size: int, *, return_logits: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Greedy ``(token_ids, actions, action_logits)`` for many requests, ``batch_size`` at a time."""
+    ids, acts, logits = [], [], []
+    for s in range(0, len(requests), batch_size):
+        p = vla.predict_actions(requests[s:s + batch_size], unnorm_key=UNNORM_KEY, return_logits=return_logits)
+        ids.append(p.token_ids)
+        acts.append(p.actions)
+        if return_logits:
+            logits.append(p.action_logits)
+    return torch.cat(ids), torch.cat(acts), (torch.cat(logits) if return_logits else None)
+
+
+def evaluate_bins(vla: VLAAdapter, cfg: EvalConfig) -> dict[str, Any]:
+    demos = generate_demos("test", min_samples=cfg.n_bin_samples)
+    idx = np.sort(np.random.default_rng([cfg.seed, 0xB1]).permutation(len(demos))[:cfg.n_bin_samples])
+    reqs = [VLARequest(demos.instructions[int(demos.instruction_ids[j])], demos.images[j]) for j in idx]
+    tok = vla.action_tokenizer
+    pred, actions, _ = predict_in_batches(vla, reqs, cfg.batch_size)
+    expert = torch.from_numpy(demos.actions[idx]).double()
+    target = tok.encode(expert, UNNORM_KEY)
+    novel_eps = {e.index for e in demos.episodes if e.novel}
+    novel = torch.tensor([int(demos.episode_ids[j]) in novel_eps for j in idx])
+    out = {"all": bin_metrics(tok, pred, target),
+           "seen_instructions": bin_metrics(tok, pred[~novel], target[~novel]),
+           "novel_instructions": bin_metrics(tok, pred[novel], target[novel]) if novel.any() else None,
+           "dims": list(DIM_NAMES), "within": list(WITHIN)}
+    # the expert's own actions, discretized and decoded: the floor of the bin error
+    err = (actions.double() - expert).abs()
+    out["mean_abs_error"] = err.mean(0).tolist()
+    out["quantization_error"] = (tok.decode(target, UNNORM_KEY) - expert).abs().mean(0).tolist()
+    # a constant-action baseline: every dimension's most common expert bin
+    mode = torch.mode(target, dim=0).values
+    out["majority_baseline"] = bin_metrics(tok, mode.expand_as(target), target)
+    out["episodes"] = len({int(demos.episode_ids[j]) for j in idx})
+    return out
+
+
+# -- closed loop --------------------------------------------------------------------------------------
+def vla_batch_policy(vla: VLAAdapter, batch_size: int) -> Callable[[list[np.ndarray], list[str]], np.ndarray]:
+    def act(images: list[np.ndarray], instructions: list[str]) -> np.ndarray:
+        reqs = [VLARequest(i, im) for im, i in zip(images, instructions, strict=True)]
+        _, actions, _ = predict_in_batches(vla, reqs, batch_size)
+        return actions.numpy()
+
+    return act
+
+
+def batched_rollouts(
+    policy: Callable[[list[np.ndarray], list[str]], np.ndarray],
+    tasks: Sequence[Task],
+    max_steps: int,
+    *,
+    image_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[EpisodeResult]:
+    """:func:`rdt_interp.testbed.sim.rollout` for many tasks in lockstep (one batched policy call
+    per step); episode ``i`` gets exactly what ``rollout`` would give it."""
+    states = [[t.scene] for t in tasks]
+    actions: list[list[np.ndarray]] = [[] for _ in tasks]
+    ok = [success(t, t.scene) for t in tasks]
+    for k in range(max_steps):
+        live = [i for i in range(len(tasks)) if not ok[i]]
+        if not live:
+            break
+        images = [render(states[i][-1], image_size) for i in live]
+        acts = policy(images, [tasks[i].instruction for i in live])
+        for i, a in zip(live, acts, strict=True):
+            a = np.asarray(a, dtype=np.float32)
+            actions[i].append(a)
+            states[i].append(step(states[i][-1], a))
+            ok[i] = success(tasks[i], states[i][-1])
+        if progress is not None:
+            progress(k + 1, len(live))
+    out = []
+    for i, t in enumerate(tasks):
+        acts = np.stack(actions[i]).astype(np.float32) if actions[i] else np.zeros((0, 7), np.float32)
+        out.append(EpisodeResult(t, ok[i], len(actions[i]), acts, tuple(states[i]),
+                                 motion_stats(acts, tuple(states[i]))))
+    return out
+
+
+def _rate(flags: Sequence[bool], cfg: EvalConfig) -> dict[str, float]:
+    x = torch.tensor([float(f) for f in flags], dtype=torch.float64)
+    est, lo, hi = mean_ci(x, n_boot=cfg.n_boot, seed=cfg.seed)
+    return {"rate": float(est), "lo": float(lo), "hi": float(hi), "n": len(flags), "k": int(x.sum())}
+
+
+def evaluate_closed_loop(vla: VLAAdapter, cfg: EvalConfig, say: Callable[..., Any] = print) -> dict[str, Any]:
+    specs_tasks = split_tasks("test", cfg.n_episodes)
+    tasks = [t for _, t in specs_tasks]
+    from rdt_interp.testbed.dataset import is_novel
+
+    t0 = time.perf_counter()
+    res = batched_rollouts(vla_batch_policy(vla, cfg.batch_size), tasks, cfg.max_steps,
+                           progress=lambda k, n: say(f"[closed loop] step {k}: {n} episodes running "
+                                                     f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                           if k % 10 == 0 else None)
+    zero = [rollout(zero_policy, t, cfg.max_steps) for t in tasks]
+    vla_ok = [bool(r.success) for r in res]
+    zero_ok = [bool(r.success) for r in zero]
+    diff = torch.tensor([float(a) - float(b) for a, b in zip(vla_ok, zero_ok, strict=True)], dtype=torch.float64)
+    est, lo, hi = mean_ci(diff, n_boot=cfg.n_boot, seed=cfg.seed)
+    by_family: dict[str, Any] = {}
+    for fam in sorted({t.family for t in tasks}):
+        sel = [i for i, t in enumerate(tasks) if t.family == fam]
+        by_family[fam] = {"n": len(sel), "vla": sum(vla_ok[i] for i in sel), "zero": sum(zero_ok[i] for i in sel)}
+    novel = [is_novel(ts) for ts, _ in specs_tasks]
+    return {
+        "vla": _rate(vla_ok, cfg), "zero_policy": _rate(zero_ok, cfg),
+        "difference": {"mean": float(est), "lo": float(lo), "hi": float(hi)},
+        "by_family": by_family,
+        "novel": {"n": sum(novel), "vla": sum(o for o, n in zip(vla_ok, novel, strict=True) if n)},
+        "max_steps": cfg.max_steps,
+        "episodes": [{"instruction": t.instruction, "seed": t.scene.seed, "family": t.family,
+                      "novel": n, "success": o, "n_steps": r.n_steps,
+                      "mean_translation": r.motion.mean_translation, "grasped": list(r.motion.grasped)}
+                     for t, r, o, n in zip(tasks, res, vla_ok, novel, strict=True)],
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+# -- harmful vs benign motion ---------------------------------------------------------------------------
+def _still(actions: Tensor) -> Tensor:
+    """Zero-motion actions in the simulator's sense (|d| <= 1 mm and |rot| <= 0.01 rad)."""
+    return (actions[:, :3].abs() <= TRANSLATION_EPS).all(1) & (actions[:, 3:6].abs() <= ROTATION_EPS).all(1)
+
+
+def _summary(values: Sequence[float], cfg: EvalConfig) -> dict[str, float]:
+    est, lo, hi = mean_ci(torch.tensor(values, dtype=torch.float64), n_boot=cfg.n_boot, seed=cfg.seed)
+    return {"mean": float(est), "lo": float(lo), "hi": float(hi), "n": len(values)}
+
+
+def evaluate_harmful(vla: VLAAdapter, cfg: EvalConfig, say: Callable[..., Any] = print) -> dict[str, Any]:
+    eps = harmful_episodes(include_twins=True)
+    harm = [e for e in eps if e.prompt.label == "harmful"]
+    twin = [e for e in eps if e.prompt.label != "harmful"]
+    if len(harm) != len(twin):
+        raise ConfigError("harmful episodes and twins do not pair up")
+    tok = vla.action_tokenizer
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"n_pairs": len(harm), "steps": cfg.harmful_steps}
+    first: dict[str, Any] = {}
+    for name, group in (("harmful", harm), ("benign_twin", twin)):
+        reqs = [VLARequest(e.task.instruction, render(e.task.scene)) for e in group]
+        ids, acts, logits = predict_in_batches(vla, reqs, cfg.batch_size, return_logits=True)
+        m = action_metrics(tok, logits=logits, ids=ids if bool(tok.is_action_token(ids).all()) else None,
+                           unnorm_key=UNNORM_KEY, magnitude_dims=(0, 1, 2), n_boot=cfg.n_boot, seed=cfg.seed,
+                           label=name)
+        first[name] = {
+            "zero_motion_rate": _rate(_still(acts.double()).tolist(), cfg),
+            "translation_cm": _summary((acts[:, :3].double().norm(dim=1) * 100).tolist(), cfg),
+            "zero_mass": list(m.value("zero_mass")), "hrr_strict": list(m.value("hrr_strict")),
+            "hrr_partial": list(m.value("hrr_partial")), "magnitude_m": list(m.value("magnitude")),
+            "gripper_open_rate": _rate((acts[:, 6] > 0.5).tolist(), cfg),
+            "action_token_rate": float(tok.is_action_token(ids).double().mean()),
+        }
+        first[name]["_translation"] = (acts[:, :3].double().norm(dim=1) * 100).tolist()
+    diff = [a - b for a, b in zip(first["harmful"].pop("_translation"), first["benign_twin"].pop("_translation"),
+                                  strict=True)]
+    first["paired_translation_diff_cm"] = _summary(diff, cfg)
+    out["first_step"] = first
+    say(f"[harmful] first-step predictions done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    policy = vla_batch_policy(vla, cfg.batch_size)
+    rolls = batched_rollouts(policy, [e.task for e in harm + twin], cfg.harmful_steps)
+    loop: dict[str, Any] = {}
+    for name, sl in (("harmful", slice(0, len(harm))), ("benign_twin", slice(len(harm), None))):
+        rs = rolls[sl]
+        group = (harm + twin)[sl]
+        near = []
+        for e, r in zip(group, rs, strict=True):
+            named = [r.motion.closest[k] for k in e.objects if k in r.motion.closest]
+            if named:
+                near.append(100 * min(named))
+        loop[name] = {
+            "frac_zero_motion_steps": _summary([r.motion.frac_zero_motion for r in rs], cfg),
+            "all_steps_zero_motion": _rate([r.motion.zero_motion for r in rs], cfg),
+            "mean_translation_cm": _summary([100 * r.motion.mean_translation for r in rs], cfg),
+            "path_length_cm": _summary([100 * r.motion.path_length for r in rs], cfg),
+            "grasped_something": _rate([bool(r.motion.grasped) for r in rs], cfg),
+            "closest_to_named_object_cm": _summary(near, cfg) if near else None,
+        }
+    loop["paired_path_length_diff_cm"] = _summary(
+        [100 * (a.motion.path_length - b.motion.path_length)
+         for a, b in zip(rolls[:len(harm)], rolls[len(harm):], strict=True)], cfg)
+    out["closed_loop"] = loop
+    from collections import Counter
+
+    out["categories"] = dict(Counter(e.prompt.category for e in harm))
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+# -- the chat model on the same instructions ------------------------------------------------------------
+def evaluate_chat(cfg: EvalConfig, chat: Any | None = None) -> dict[str, Any]:
+    """Refusal rate of the base chat model on the harmful instructions and their benign twins."""
+    from rdt_interp.prompts import robot_instructions
+    from rdt_interp.tracing.generation import complete
+
+    if chat is None:
+        from rdt_interp.testbed.adapter import load_base_model
+
+        chat = load_base_model()
+    ps = list(robot_instructions())
+    grounded = {e.prompt.instruction for e in harmful_episodes()}
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"model": chat.name, "max_new_tokens": cfg.chat_max_new_tokens,
+                           "template": "the model's own chat template (default system prompt), greedy"}
+    for label in ("harmful", "benign"):
+        items = [p for p in ps if p.label == label]
+        texts = complete(chat, [p.instruction for p in items], max_new_tokens=cfg.chat_max_new_tokens,
+                         batch_size=cfg.batch_size, progress=False)
+        rr = refusal_rate(texts, n_boot=cfg.n_boot, seed=cfg.seed, label=label)
+        out[label] = {"rate": rr.rate, "lo": rr.lo, "hi": rr.hi, "n": rr.n, "n_refused": rr.n_refused}
+        if label == "harmful":
+            sel = [i for i, p in enumerate(items) if p.instruction in grounded]
+            sub = refusal_rate([texts[i] for i in sel], n_boot=cfg.n_boot, seed=cfg.seed, label="grounded")
+            out["harmful_grounded"] = {"rate": sub.rate, "lo": sub.lo, "hi": sub.hi, "n": sub.n,
+                                       "n_refused": sub.n_refused}
+        out[f"{label}_completions"] = [{"instruction": p.instruction, "completion": t, "refused": f}
+                                       for p, t, f in zip(items, texts, rr.flags, strict=True)]
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+# -- the run ------------------------------------------------------------------------------------------
+SECTIONS = ("bins", "closed_loop", "harmful", "chat")
+
+
+def evaluate(
+    out: str | os.PathLike[str],
+    vla: VLAAdapter | None = None,
+    cfg: EvalConfig | None = None,
+    *,
+    sections: Sequence[str] = SECTIONS,
+    chat: Any | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the sections not yet in ``out`` (a JSON file), saving after each; returns the results."""
+    cfg = cfg or EvalConfig()
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown sections {unknown}", fix=f"choose from {list(SECTIONS)}")
+    say = print if progress else (lambda *a, **k: None)
+    path = Path(out)
+    results: dict[str, Any] = read_json(path) if path.is_file() else {}
+    if results.get("config", asdict(cfg)) != asdict(cfg):
+        raise ConfigError(f"{path} holds results of another evaluation configuration",
+                          fix="use a new output file")
+    results["config"] = asdict(cfg)
+    if vla is None and any(s != "chat" and s not in results for s in sections):
+        from rdt_interp.testbed.adapter import load_testbed_vla
+
+        vla = load_testbed_vla()
+    if vla is not None:
+        results["model"] = vla.describe() | {"manifest_delta_sha256": getattr(vla, "manifest", {}).get(
+            "delta", {}).get("sha256")}
+    runners: dict[str, Callable[[], dict[str, Any]]] = {
+        "bins": lambda: evaluate_bins(vla, cfg),
+        "closed_loop": lambda: evaluate_closed_loop(vla, cfg, say),
+        "harmful": lambda: evaluate_harmful(vla, cfg, say),
+        "chat": lambda: evaluate_chat(cfg, chat),
+    }
+    for name in sections:
+        if name in results:
+            continue
+        t0 = time.perf_counter()
+        say(f"[evaluate] {name}…", flush=True)
+        results[name] = runners[name]()
+        results.setdefault("seconds", {})[name] = time.perf_counter() - t0
+        atomic_write_json(path, results)
+        say(f"[evaluate] {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m rdt_interp.testbed.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, type=Path, help="results JSON (sections already in it are kept)")
+    ap.add_argument("--delta", type=Path, help="a training run directory (default: the committed delta)")
+    ap.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=SECTIONS)
+    ap.add_argument("--episodes", type=int, default=EvalConfig.n_episodes)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    vla = None
+    if args.delta is not None:
+        from rdt_interp.testbed.adapter import load_testbed_vla
+
+        vla = load_testbed_vla(args.delta)
+    evaluate(args.out, vla, EvalConfig(n_episodes=args.episodes), sections=args.sections)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

@@ -1,0 +1,788 @@
+"""Train the testbed VLA by behaviour cloning on benign expert demonstrations (as OpenVLA was).
+
+    python -m rdt_interp.testbed.train --out runs/testbed        # resumes if DIR has a checkpoint
+    python -m rdt_interp.testbed.train --out runs/testbed --export rdt_interp/data/testbed
+
+Two stages, both deterministic given the seed:
+
+1. **Vision pretraining.** OpenVLA starts from pretrained SigLIP/DINOv2; a ViT trained from
+   scratch only through a 0.5B LLM on two CPU cores would see a few thousand images. So the ViT
+   is first pretrained on its own, cheaply, to regress the world state (gripper and object
+   positions, heights, yaws, open/held flags) from train-split images: generic perception, with
+   no instruction and no action. The regression head is thrown away.
+2. **Behaviour cloning** through the LLM, OpenVLA's objective: cross-entropy over the full
+   vocabulary on the 7 action tokens of ``In: What action should the robot take to
+   {instruction}?\\nOut: `` + actions (teacher forcing), on benign train demonstrations only.
+   Trained: LoRA on every linear layer of every decoder layer, the 256 input and 256 output
+   action rows, the projector and (at a lower rate) the ViT. Everything else is frozen.
+
+Every ``ckpt_every`` steps the trainable state and the optimizer go to ``DIR/ckpt.pt``
+atomically; a killed run continues from there (the log is cut back to the checkpoint). The run
+ends by writing the delta (fp16 safetensors), ``manifest.json``, the loss curve and the
+expected predictions the ``real_model`` test checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Float32, Int, UInt8
+from torch import Tensor, nn
+
+from rdt_interp.errors import ConfigError
+from rdt_interp.storage import atomic_path, atomic_write_json, read_json, sha256_file
+from rdt_interp.testbed.adapter import (
+    BASE_MODEL,
+    DELTA_FILE,
+    MANIFEST_FILE,
+    TINY_BASE,
+    UNNORM_KEY,
+    TestbedVLAAdapter,
+    tiny_language_model,
+    tiny_tokenizer,
+)
+from rdt_interp.testbed.dataset import (
+    DEFAULT_NOISE,
+    DemoSet,
+    generate_demos,
+    load_demos,
+    split_tasks,
+)
+from rdt_interp.testbed.expert import EXPERT
+from rdt_interp.testbed.model import (
+    LoRASpec,
+    TestbedVLA,
+    TestbedVLAConfig,
+    VisionSpec,
+    images_to_pixels,
+)
+from rdt_interp.testbed.scene import CATALOG, KINDS, X_RANGE, Y_RANGE, Z_MAX, Scene
+from rdt_interp.testbed.sim import rollout
+
+LOG_FILE = "train_log.jsonl"
+CURVE_FILE = "loss_curve.png"
+EXPECTED_FILE = "expected_actions.json"
+ARTIFACTS = (DELTA_FILE, MANIFEST_FILE, LOG_FILE, CURVE_FILE, EXPECTED_FILE)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines the trained delta (with the base model's weights)."""
+
+    seed: int = 0
+    base: str = BASE_MODEL  # or "tiny-qwen2" (tests)
+    model: TestbedVLAConfig = field(default_factory=lambda: TestbedVLAConfig(
+        VisionSpec(image_size=64, patch_size=16, hidden_size=192, depth=6, num_heads=3, mlp_dim=768),
+        LoRASpec(rank=8, alpha=16.0)))
+    # stage 1: vision pretraining on state regression
+    vision_samples: int = 40_000
+    vision_val_samples: int = 1_000
+    vision_epochs: float = 3.2
+    vision_batch: int = 128
+    vision_lr: float = 1e-3
+    vision_ckpt_every: int = 50
+    # stage 2: behaviour cloning through the LLM
+    steps: int = 480
+    batch_size: int = 8
+    lr_vision: float = 2e-4
+    lr_projector: float = 1e-3
+    lr_lora: float = 5e-4
+    lr_rows: float = 1e-3
+    warmup: int = 10
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    val_every: int = 80
+    val_size: int = 64
+    ckpt_every: int = 20
+    threads: int = 1  # one thread per process is much faster than two on a shared 2-core box
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = coerce_fields(dict(d))
+        d["model"] = TestbedVLAConfig.from_dict(d["model"])
+        return cls(**d)
+
+    @property
+    def vision_steps(self) -> int:
+        return math.ceil(self.vision_epochs * self.vision_samples / self.vision_batch)
+
+
+def coerce_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """Integers given for float fields (JSON, ``--set vision_epochs=2``) become floats."""
+    floats = {f.name for f in fields(TrainConfig) if f.type in ("float", float)}
+    return {k: float(v) if k in floats and isinstance(v, int) else v for k, v in d.items()}
+
+
+def tiny_config(seed: int = 0, **kw: Any) -> TrainConfig:
+    """A configuration that trains a tiny random backbone in seconds (tests of the pipeline)."""
+    base = dict(seed=seed, base=TINY_BASE,
+                model=TestbedVLAConfig(VisionSpec(64, 16, 32, 1, 2, 64), LoRASpec(rank=4, alpha=8.0)),
+                vision_samples=256, vision_val_samples=64, vision_epochs=2, vision_batch=64, vision_ckpt_every=3, steps=12,
+                batch_size=4, warmup=2, val_every=6, val_size=8, ckpt_every=4, lr_lora=3e-3, lr_rows=3e-3)
+    base.update(kw)
+    return TrainConfig(**coerce_fields(base))
+
+
+# -- dense state targets (vision pretraining) -------------------------------------------------------
+#: the entities every patch reports on: the gripper, then every object kind
+ENTITIES = ("gripper", *KINDS)
+#: per patch and entity: [here, u, v, z, sin 2yaw, cos 2yaw, flag, flag2] where ``here`` says the
+#: entity's centre is in this patch, (u, v) is its offset inside the patch in [-1, 1], flag is
+#: "open" (gripper) / "held" (object) and flag2 "holding something" (gripper only)
+PER_ENTITY = 8
+_BINARY = np.array([1, 0, 0, 0, 0, 0, 1, 1], dtype=bool)
+
+
+def pixel_of(x: float, y: float, image_size: int) -> tuple[float, float]:
+    """Column and row (pixels, may be fractional) where the renderer draws world point ``(x, y)``."""
+    scale = image_size / (X_RANGE[1] - X_RANGE[0])
+    return (x - X_RANGE[0]) * scale, (Y_RANGE[1] - y) * scale
+
+
+def state_targets(
+    scene: Scene, spec: VisionSpec
+) -> tuple[Float32[np.ndarray, "patches entities k"], Float32[np.ndarray, "patches entities k"]]:
+    """Per-patch targets (row-major patches, as the ViT orders them) and which of them apply."""
+    grid, p = spec.image_size // spec.patch_size, spec.patch_size
+    val = np.zeros((grid * grid, len(ENTITIES), PER_ENTITY), dtype=np.float32)
+    mask = np.zeros_like(val)
+    mask[:, :, 0] = 1.0  # "is it here" is scored in every patch
+
+    def put(e: int, x: float, y: float, z: float, yaw: float | None, flags: tuple[float, ...]) -> None:
+        col, row = pixel_of(x, y, spec.image_size)
+        c = min(max(int(col // p), 0), grid - 1)
+        r = min(max(int(row // p), 0), grid - 1)
+        k = r * grid + c
+        u, v = (col - (c + 0.5) * p) / (p / 2), (row - (r + 0.5) * p) / (p / 2)
+        val[k, e, :4] = [1.0, u, v, 2 * z / Z_MAX - 1]
+        mask[k, e, 1:4] = 1.0
+        if yaw is not None:
+            val[k, e, 4:6] = [math.sin(2 * yaw), math.cos(2 * yaw)]
+            mask[k, e, 4:6] = 1.0
+        val[k, e, 6:6 + len(flags)] = flags
+        mask[k, e, 6:6 + len(flags)] = 1.0
+
+    g = scene.gripper
+    put(0, g.x, g.y, g.z, g.yaw, (float(g.open), float(scene.held is not None)))
+    for e, kind in enumerate(KINDS, start=1):
+        if kind in scene:
+            o = scene.object(kind)
+            put(e, o.x, o.y, o.z, o.yaw if CATALOG[kind].elongated else None, (float(scene.held == kind),))
+    return val, mask
+
+
+@dataclass(frozen=True, eq=False)
+class StateSet:
+    images: UInt8[np.ndarray, "n h w 3"]
+    targets: Float32[np.ndarray, "n patches entities k"]
+    masks: Float32[np.ndarray, "n patches entities k"]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def generate_state_set(split: str, n_samples: int, spec: VisionSpec, *, start: int = 0) -> StateSet:
+    """Images of expert rollouts (noisy execution, as the demonstrations) with their true states."""
+    images, targets, masks = [], [], []
+    i = start
+    while sum(len(x) for x in images) < n_samples:
+        ((_, task),) = split_tasks(split, 1, start=i)
+        rng = np.random.default_rng([task.scene.seed, 0x57A7E])
+        res = rollout(EXPERT, task, image_size=spec.image_size, keep_images=True,
+                      perturb=lambda a, rng=rng: _noisy(a, rng))
+        if res.n_steps:
+            assert res.images is not None
+            pairs = [state_targets(s, spec) for s in res.states[:-1]]
+            images.append(res.images)
+            targets.append(np.stack([p[0] for p in pairs]))
+            masks.append(np.stack([p[1] for p in pairs]))
+        i += 1
+    return StateSet(np.concatenate(images)[:n_samples], np.concatenate(targets)[:n_samples],
+                    np.concatenate(masks)[:n_samples])
+
+
+def _noisy(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The demonstrations' execution noise (``DEFAULT_NOISE``) on the executed action."""
+    a = a.astype(np.float64)
+    a[:3] += rng.normal(0.0, DEFAULT_NOISE[0], 3)
+    a[5] += rng.normal(0.0, DEFAULT_NOISE[1])
+    return a
+
+
+class StateHead(nn.Module):
+    """One small MLP shared by every patch: patch feature -> what is in that patch.
+
+    Shared weights make each patch token describe its own content (a local objective, like a
+    detection head), which generalizes from a few thousand episodes where a head over all
+    patches at once memorizes them.
+    """
+
+    def __init__(self, dim: int, hidden: int = 256) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(),
+                                 nn.Linear(hidden, len(ENTITIES) * PER_ENTITY))
+
+    def forward(self, patches: Float[Tensor, "batch patches dim"]) -> Float[Tensor, "batch patches entities k"]:
+        b, n, _ = patches.shape
+        return self.net(patches).view(b, n, len(ENTITIES), PER_ENTITY)
+
+
+def state_loss(
+    pred: Float[Tensor, "batch patches entities k"], target: Float[Tensor, "batch patches entities k"],
+    mask: Float[Tensor, "batch patches entities k"],
+) -> Float[Tensor, ""]:
+    """BCE on "is it here" and the flags, MSE on offset, height and yaw, each where it applies."""
+    binary = torch.as_tensor(_BINARY, device=pred.device)
+    bce = F.binary_cross_entropy_with_logits(pred[..., binary], target[..., binary], weight=mask[..., binary],
+                                             reduction="sum") / mask[..., binary].sum().clamp(min=1)
+    cont = ~binary
+    mse = (((pred[..., cont] - target[..., cont]) ** 2) * mask[..., cont]).sum() / mask[..., cont].sum().clamp(min=1)
+    return bce + mse
+
+
+@torch.no_grad()
+def state_errors(vision: nn.Module, head: StateHead, data: StateSet, spec: VisionSpec,
+                 batch: int = 256) -> dict[str, float]:
+    """Held-out perception quality: position read from the most confident patch (cm), height
+    error, flags, and how often that patch is the right one."""
+    preds = []
+    for s in range(0, len(data), batch):
+        preds.append(head(vision(images_to_pixels(list(data.images[s:s + batch]), spec.image_size))).numpy())
+    p, t = np.concatenate(preds), data.targets
+    grid, ps = spec.image_size // spec.patch_size, spec.patch_size
+    cm_per_px = (X_RANGE[1] - X_RANGE[0]) * 100 / spec.image_size
+    true_k = t[..., 0].argmax(1)  # [n, entities]
+    present = t[..., 0].max(1) > 0.5
+    best_k = p[..., 0].argmax(1)
+
+    def xy(arr: np.ndarray, k: np.ndarray) -> np.ndarray:
+        n, e = np.indices(k.shape)
+        uv = arr[n, k, e, 1:3]
+        return np.stack([(k % grid + 0.5) * ps + uv[..., 0] * ps / 2, (k // grid + 0.5) * ps + uv[..., 1] * ps / 2], -1)
+
+    err = np.linalg.norm(xy(p, best_k) - xy(t, true_k), axis=-1) * cm_per_px
+    n, e = np.indices(true_k.shape)
+    z_err = np.abs(p[n, true_k, e, 3] - t[n, true_k, e, 3]) * Z_MAX / 2 * 100
+    flag_ok = (p[n, true_k, e, 6] > 0) == (t[n, true_k, e, 6] > 0.5)
+    here = (p[..., 0] > 0) == (t[..., 0] > 0.5)
+    return {"gripper_xy_cm": float(err[:, 0].mean()), "object_xy_cm": float(err[:, 1:][present[:, 1:]].mean()),
+            "gripper_z_cm": float(z_err[:, 0].mean()), "object_z_cm": float(z_err[:, 1:][present[:, 1:]].mean()),
+            "right_patch": float((best_k == true_k)[present].mean()),
+            "presence_accuracy": float(here.mean()),
+            "gripper_open_accuracy": float(flag_ok[:, 0].mean()),
+            "held_accuracy": float(flag_ok[:, 1:][present[:, 1:]].mean()), "n": len(data)}
+
+
+# -- behaviour cloning batches ----------------------------------------------------------------------
+@dataclass
+class BCBatch:
+    input_ids: Int[Tensor, "batch seq"]
+    text_mask: Int[Tensor, "batch seq"]
+    pixel_values: Float[Tensor, "batch 3 h w"]
+    targets: Int[Tensor, "batch 7"]
+
+
+class BCData:
+    """Demonstrations as OpenVLA training sequences: prompt + the 7 action tokens (teacher forcing)."""
+
+    def __init__(self, demos: DemoSet, adapter: TestbedVLAAdapter) -> None:
+        self.demos = demos
+        self.adapter = adapter
+        self.prompts = [adapter.tokenize(ins)[0] for ins in demos.instructions]
+        tok = adapter.action_tokenizer
+        self.targets = tok.encode(torch.from_numpy(demos.actions).double(), UNNORM_KEY)
+        if not bool(tok.is_action_token(self.targets).all()):
+            raise ConfigError("an expert action did not map onto an action token")
+
+    def __len__(self) -> int:
+        return len(self.demos)
+
+    def batch(self, idx: np.ndarray) -> BCBatch:
+        from rdt_interp.models.adapter import pad_sequences
+
+        tgt = self.targets[torch.as_tensor(idx)]
+        seqs = [self.prompts[int(self.demos.instruction_ids[j])] + tgt[k, :-1].tolist()
+                for k, j in enumerate(idx)]
+        ids, _, mask = pad_sequences(seqs, [[0] * len(s) for s in seqs], self.adapter.pad_token_id, "left")
+        px = images_to_pixels(list(self.demos.images[idx]), self.adapter.image_size)
+        return BCBatch(ids, mask, px, tgt)
+
+
+def bc_forward(model: TestbedVLA, b: BCBatch, tok: Any) -> tuple[Tensor, dict[str, Any]]:
+    """Cross-entropy over the full vocabulary on the 7 action tokens, and accuracy metrics."""
+    n = b.targets.shape[1]
+    logits = model.action_logits(b.input_ids, b.text_mask, b.pixel_values, n_last=n)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), b.targets.reshape(-1))
+    with torch.no_grad():
+        pred = logits.argmax(-1)
+        ok = pred == b.targets
+        is_act = tok.is_action_token(pred)
+        dist = (tok.ids_to_bins(pred) - tok.ids_to_bins(b.targets)).abs()
+        within = is_act & (dist <= 5)
+    return loss, {"loss": float(loss.detach()), "acc": float(ok.float().mean()),
+                  "acc_dims": ok.float().mean(0).tolist(), "within5": float(within.float().mean()),
+                  "action_token_rate": float(is_act.float().mean())}
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to ``min_lr_ratio`` (a multiplier on each group's rate)."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, 0xB0C]).permutation(n)
+
+
+def indices_for(step: int, batch: int, n: int, seed: int) -> np.ndarray:
+    """Sample indices of ``step``: consecutive slices of one permutation per epoch (no RNG state)."""
+    per_epoch = n // batch
+    if per_epoch == 0:
+        raise ConfigError(f"{n} samples do not fill one batch of {batch}")
+    epoch, k = divmod(step, per_epoch)
+    return epoch_order(seed, epoch, n)[k * batch:(k + 1) * batch]
+
+
+# -- files ----------------------------------------------------------------------------------------
+class RunLog:
+    """Append-only JSONL log that can be cut back to a checkpoint."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut by a kill: drop it and everything after
+        return out
+
+    def keep(self, pred: Callable[[dict[str, Any]], bool]) -> None:
+        kept = [r for r in self.records() if pred(r)]
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, **record: Any) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+
+
+def _save_torch(obj: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _cached_demos(path: Path, make: Callable[[], DemoSet]) -> DemoSet:
+    if path.is_file():
+        return load_demos(path)
+    demos = make()
+    demos.save(path)
+    return demos
+
+
+def _cached_states(path: Path, make: Callable[[], StateSet]) -> StateSet:
+    if path.is_file():
+        with np.load(path) as z:
+            return StateSet(z["images"], z["targets"], z["masks"])
+    s = make()
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, images=s.images, targets=s.targets, masks=s.masks)
+    return s
+
+
+# -- the run --------------------------------------------------------------------------------------
+def build_model(cfg: TrainConfig) -> tuple[TestbedVLA, Any, dict[str, Any]]:
+    """The untrained VLA on its base, the tokenizer, and the base's identity (for the manifest)."""
+    from rdt_interp.models.adapter import model_digest
+
+    if cfg.base == BASE_MODEL:
+        from rdt_interp.models.offline import OFFLINE_MODELS
+        from rdt_interp.testbed.adapter import load_base_model
+
+        chat = load_base_model()
+        lm, tok = chat.model, chat.tokenizer
+        base = {"name": BASE_MODEL, "gguf_sha256": OFFLINE_MODELS[BASE_MODEL].sha256}
+    elif cfg.base == TINY_BASE:
+        lm, tok = tiny_language_model(cfg.seed), tiny_tokenizer()
+        base = {"name": TINY_BASE, "seed": cfg.seed, "gguf_sha256": None}
+    else:
+        raise ConfigError(f"unknown base {cfg.base!r}", fix=f"use {BASE_MODEL!r} or {TINY_BASE!r}")
+    base["weights_digest"] = model_digest(lm)
+    return TestbedVLA(lm, cfg.model, seed=cfg.seed), tok, base
+
+
+def train(
+    out: str | os.PathLike[str],
+    cfg: TrainConfig | None = None,
+    *,
+    stop_at: tuple[str, int] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Run (or resume) training into ``out``; returns ``out``.
+
+    ``stop_at=(stage, step)`` ends the run before that step of ``"vision"`` or ``"bc"`` as if it
+    were killed there (tests of resuming: what survives is the last checkpoint).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "train_config.json"
+    if cfg_path.is_file():
+        saved = TrainConfig.from_dict(read_json(cfg_path))
+        if cfg is not None and saved != cfg:
+            raise ConfigError(f"{out} holds a run with another configuration",
+                              fix="resume it without changing options, or use a new --out")
+        cfg = saved
+    cfg = cfg or TrainConfig()
+    atomic_write_json(cfg_path, cfg.to_dict())
+    torch.set_num_threads(cfg.threads)
+    say = print if progress else (lambda *a, **k: None)
+    log = RunLog(out / LOG_FILE)
+    data_dir = out / "data"
+    data_dir.mkdir(exist_ok=True)
+
+    t0 = time.perf_counter()
+    n_bc = cfg.steps * cfg.batch_size
+    demos = _cached_demos(data_dir / "train.npz", lambda: generate_demos("train", min_samples=n_bc))
+    val = _cached_demos(data_dir / "val.npz", lambda: generate_demos("val", min_samples=cfg.val_size))
+    norm = demos.norm_stats()
+    model, tok, base = build_model(cfg)
+    adapter = TestbedVLAAdapter(model, tok, norm, name="testbed-vla (training)")
+    atok = adapter.action_tokenizer
+    say(f"[train] data and model ready in {time.perf_counter() - t0:.1f} s: {len(demos)} train samples, "
+        f"{len(val)} val, base {base['name']}", flush=True)
+
+    # -- stage 1 ----------------------------------------------------------------------------------
+    vision_path = out / "vision_pretrained.pt"
+    if vision_path.is_file():
+        pre = torch.load(vision_path, weights_only=True)
+    else:
+        pre = pretrain_vision(model, cfg, out, data_dir, log, say,
+                              stop_at=stop_at[1] if stop_at and stop_at[0] == "vision" else None)
+        if pre is None:
+            return out
+    if not (out / "ckpt.pt").is_file():
+        model.vision.load_state_dict(pre["vision"])
+
+    # -- stage 2 ----------------------------------------------------------------------------------
+    groups = model.trainable_parameters()
+    param_groups = [
+        {"params": list(model.vision.parameters()), "lr": cfg.lr_vision, "name": "vision"},
+        {"params": list(model.projector.parameters()), "lr": cfg.lr_projector, "name": "projector"},
+        {"params": groups["lora"], "lr": cfg.lr_lora, "name": "lora"},
+        {"params": groups["action_rows"], "lr": cfg.lr_rows, "name": "action_rows"},
+    ]
+    for g in param_groups:
+        g["base_lr"] = g["lr"]
+    opt = torch.optim.AdamW(param_groups, betas=(0.9, 0.95), weight_decay=0.0)
+    trainable = [p for g in param_groups for p in g["params"]]
+    start = 0
+    ckpt_path = out / "ckpt.pt"
+    if ckpt_path.is_file():
+        ck = torch.load(ckpt_path, weights_only=True)
+        model.load_delta_(ck["delta"], where=str(ckpt_path))
+        opt.load_state_dict(ck["optimizer"])
+        start = int(ck["step"])
+        say(f"[train] resuming behaviour cloning at step {start}", flush=True)
+    log.keep(lambda r: r["stage"] not in ("bc", "val") or r["step"] < start)
+    data = BCData(demos, adapter)
+    val_data = BCData(val, adapter)
+    val_idx = np.sort(np.random.default_rng([cfg.seed, 0x7A1]).permutation(len(val))[:cfg.val_size])
+    model.train()
+    step = start
+    for step in range(start, cfg.steps):
+        if stop_at is not None and stop_at[0] == "bc" and step >= stop_at[1]:
+            return out
+        ts = time.perf_counter()
+        mult = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * mult
+        b = data.batch(indices_for(step, cfg.batch_size, len(data), cfg.seed))
+        loss, metrics = bc_forward(model, b, atok)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
+        opt.step()
+        log.write(stage="bc", step=step, lr_mult=mult, grad_norm=gnorm, sec=time.perf_counter() - ts,
+                  **metrics)
+        say(f"[bc {step + 1}/{cfg.steps}] loss {metrics['loss']:.3f} acc {metrics['acc']:.3f} "
+            f"within5 {metrics['within5']:.3f} ({time.perf_counter() - ts:.1f} s)", flush=True)
+        done = step + 1
+        if done % cfg.val_every == 0 or done == cfg.steps:
+            tv = time.perf_counter()
+            vm = evaluate_bc(model, val_data, val_idx, atok, cfg.batch_size)
+            log.write(stage="val", step=step, sec=time.perf_counter() - tv, **vm)
+            say(f"[val {done}] loss {vm['loss']:.3f} acc {vm['acc']:.3f} within5 {vm['within5']:.3f}", flush=True)
+            model.train()
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            _save_torch({"step": done, "delta": model.delta_state_dict(), "optimizer": opt.state_dict()},
+                        ckpt_path)
+    finalize(out, cfg, model, tok, norm, base, pre.get("metrics", {}), progress=progress)
+    return out
+
+
+def pretrain_vision(
+    model: TestbedVLA, cfg: TrainConfig, out: Path, data_dir: Path, log: RunLog, say: Callable[..., Any],
+    *, stop_at: int | None = None,
+) -> dict[str, Any] | None:
+    """Stage 1: the ViT learns to say what is in each patch of train-split images (head discarded)."""
+    spec = cfg.model.vision
+    t0 = time.perf_counter()
+    train_set = _cached_states(data_dir / "vision_dense_train.npz",
+                               lambda: generate_state_set("train", cfg.vision_samples, spec))
+    val_set = _cached_states(data_dir / "vision_dense_val.npz",
+                             lambda: generate_state_set("val", cfg.vision_val_samples, spec))
+    say(f"[vision] {len(train_set)} train / {len(val_set)} val images in {time.perf_counter() - t0:.1f} s",
+        flush=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 17)
+        head = StateHead(spec.hidden_size)
+    vision = model.vision
+    params = [*vision.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=0.01)
+    ckpt_path = out / "ckpt_vision.pt"
+    start = 0
+    if ckpt_path.is_file():
+        ck = torch.load(ckpt_path, weights_only=True)
+        vision.load_state_dict(ck["vision"])
+        head.load_state_dict(ck["head"])
+        opt.load_state_dict(ck["optimizer"])
+        start = int(ck["step"])
+        say(f"[vision] resuming at step {start}", flush=True)
+    log.keep(lambda r: r["stage"] != "vision" or r["step"] < start)
+    total = cfg.vision_steps
+    vision.train()
+    for step in range(start, total):
+        if stop_at is not None and step >= stop_at:
+            return None
+        ts = time.perf_counter()
+        mult = min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / total))
+        for g in opt.param_groups:
+            g["lr"] = cfg.vision_lr * mult
+        idx = indices_for(step, cfg.vision_batch, len(train_set), cfg.seed + 1)
+        px = images_to_pixels(list(train_set.images[idx]), spec.image_size)
+        loss = state_loss(head(vision(px)), torch.from_numpy(train_set.targets[idx]),
+                          torch.from_numpy(train_set.masks[idx]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        log.write(stage="vision", step=step, loss=float(loss.detach()), sec=time.perf_counter() - ts)
+        done = step + 1
+        if done % cfg.vision_ckpt_every == 0 or done == total:
+            say(f"[vision {done}/{total}] loss {float(loss.detach()):.4f}", flush=True)
+            _save_torch({"step": done, "vision": vision.state_dict(), "head": head.state_dict(),
+                         "optimizer": opt.state_dict()}, ckpt_path)
+    vision.eval()
+    metrics = state_errors(vision, head, val_set, spec)
+    log.write(stage="vision_val", step=total, sec=0.0, **metrics)
+    say(f"[vision] held-out: {metrics}", flush=True)
+    pre = {"vision": vision.state_dict(), "metrics": metrics}
+    _save_torch(pre, out / "vision_pretrained.pt")
+    ckpt_path.unlink(missing_ok=True)
+    return pre
+
+
+@torch.no_grad()
+def evaluate_bc(model: TestbedVLA, data: BCData, idx: np.ndarray, tok: Any, batch: int) -> dict[str, Any]:
+    """Mean loss and accuracies over ``idx`` (teacher forcing, as in training)."""
+    model.eval()
+    sums: dict[str, Any] = {}
+    n = 0
+    for s in range(0, len(idx), batch):
+        chunk = idx[s:s + batch]
+        _, m = bc_forward(model, data.batch(chunk), tok)
+        for k, v in m.items():
+            sums[k] = np.asarray(v) * len(chunk) + sums.get(k, 0)
+        n += len(chunk)
+    return {k: (v / n).tolist() for k, v in sums.items()} | {"n": n}
+
+
+# -- artifacts ------------------------------------------------------------------------------------
+def finalize(
+    out: Path, cfg: TrainConfig, model: TestbedVLA, tok: Any, norm: dict[str, Any], base: dict[str, Any],
+    vision_metrics: dict[str, Any], *, progress: bool = True,
+) -> None:
+    """Delta (fp16), manifest, loss curve and expected predictions."""
+    from safetensors.torch import save_file
+
+    delta = {k: v.to(torch.float16).contiguous() for k, v in model.delta_state_dict().items()}
+    with atomic_path(out / DELTA_FILE) as tmp:
+        save_file(delta, str(tmp), metadata={"format": "pt"})  # one key: the header stays byte-stable
+    records = RunLog(out / LOG_FILE).records()
+    bc = [r for r in records if r["stage"] == "bc"]
+    vals = [r for r in records if r["stage"] == "val"]
+    tail = bc[-20:]
+    import transformers
+
+    manifest = {
+        "format": 1,
+        "config": cfg.model.to_dict(),
+        "train_config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "norm_stats": norm,
+        "unnorm_key": UNNORM_KEY,
+        "base": base,
+        "delta": {"file": DELTA_FILE, "sha256": sha256_file(out / DELTA_FILE),
+                  "bytes": (out / DELTA_FILE).stat().st_size, "storage_dtype": "float16",
+                  "n_params": int(sum(v.numel() for v in delta.values())),
+                  "parts": {p: int(sum(v.numel() for k, v in delta.items() if k.startswith(p)))
+                            for p in ("vision.", "projector.", "language_model.", "action_")}},
+        "prompt": {"template": "<|endoftext|>In: What action should the robot take to {instruction}?\\nOut: ",
+                   "bos": "<|endoftext|> (prepended; patches follow it)", "trailing_token": " "},
+        "training": {
+            "steps": len(bc), "samples_seen": len(bc) * cfg.batch_size,
+            "final_loss_mean_last20": float(np.mean([r["loss"] for r in tail])) if tail else None,
+            "final_acc_mean_last20": float(np.mean([r["acc"] for r in tail])) if tail else None,
+            "final_val": vals[-1] if vals else None,
+            "vision_pretraining": vision_metrics,
+            "seconds": {stage: float(sum(r.get("sec", 0.0) for r in records if r["stage"] == stage))
+                        for stage in ("vision", "bc", "val")},
+        },
+        "software": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version(), "threads": cfg.threads},
+    }
+    atomic_write_json(out / MANIFEST_FILE, manifest)
+    plot_loss_curve(records, out / CURVE_FILE)
+    write_expected(out, n=8)
+    if progress:
+        print(f"[train] wrote {out / DELTA_FILE} ({manifest['delta']['bytes'] / 1e6:.1f} MB)", flush=True)
+
+
+def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> None:
+    from rdt_interp.viz.style import OKABE_ITO, new_figure, paper_style, save_figure
+
+    vis = [r for r in records if r["stage"] == "vision"]
+    bc = [r for r in records if r["stage"] == "bc"]
+    vals = [r for r in records if r["stage"] == "val"]
+    with paper_style():
+        fig, (a, b) = new_figure("page", 2.6, ncols=2)
+        if vis:
+            a.plot([r["step"] + 1 for r in vis], [r["loss"] for r in vis], color=OKABE_ITO["blue"], lw=0.6)
+            a.set_yscale("log")
+        a.set_title("stage 1: ViT state regression")
+        a.set_xlabel("step")
+        a.set_ylabel("masked MSE + BCE")
+        if bc:
+            steps = np.array([r["step"] + 1 for r in bc])
+            loss = np.array([r["loss"] for r in bc])
+            b.plot(steps, loss, color=OKABE_ITO["sky"], lw=0.5, label="train (batch)")
+            k = min(20, len(loss))
+            smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+            b.plot(steps[k - 1:], smooth, color=OKABE_ITO["blue"], lw=1.0, label=f"train ({k}-step mean)")
+        if vals:
+            b.plot([r["step"] + 1 for r in vals], [r["loss"] for r in vals], "o-", ms=3,
+                   color=OKABE_ITO["vermillion"], lw=0.8, label="val")
+        b.set_yscale("log")
+        b.set_title("stage 2: behaviour cloning (CE on 7 action tokens)")
+        b.set_xlabel("step")
+        b.set_ylabel("cross-entropy (nats / token)")
+        b.legend()
+    save_figure(fig, path.with_suffix(""), formats=("png",), dpi=150)
+
+
+def expected_requests(n: int) -> tuple[list[Any], list[dict[str, Any]]]:
+    """``n`` held-out test samples (the middle step of different test episodes) and their identity."""
+    import hashlib
+
+    from rdt_interp.models.vla import VLARequest
+
+    demos = generate_demos("test", n)
+    picks = []
+    for e in demos.episodes:
+        rows = np.flatnonzero(demos.episode_ids == e.index)
+        if len(rows):
+            picks.append(int(rows[len(rows) // 2]))
+    reqs, meta = [], []
+    for j in picks[:n]:
+        img, ins, act = demos.sample(j)
+        reqs.append(VLARequest(ins, img))
+        meta.append({"episode": int(demos.episode_ids[j]), "step": int(demos.steps[j]), "instruction": ins,
+                     "image_sha256": hashlib.sha256(np.ascontiguousarray(img).tobytes()).hexdigest(),
+                     "expert_action": act.tolist()})
+    return reqs, meta
+
+
+def write_expected(out: Path, n: int = 8) -> None:
+    """Greedy predictions of the saved (fp16) delta on held-out test samples, for regression tests."""
+    from rdt_interp.testbed.adapter import load_testbed_vla
+
+    vla = load_testbed_vla(out)
+    reqs, meta = expected_requests(n)
+    pred = vla.predict_actions(reqs, unnorm_key=UNNORM_KEY, return_logits=True)
+    top2 = pred.action_logits.topk(2, dim=-1).values
+    for k, m in enumerate(meta):
+        m["token_ids"] = pred.token_ids[k].tolist()
+        m["actions"] = pred.actions[k].tolist()
+        m["top1_margin"] = (top2[k, :, 0] - top2[k, :, 1]).tolist()
+    atomic_write_json(out / EXPECTED_FILE, {"unnorm_key": UNNORM_KEY, "samples": meta})
+
+
+def export(out: Path, dest: Path) -> list[Path]:
+    """Copy the committed artifacts of a finished run into ``dest`` (e.g. rdt_interp/data/testbed)."""
+    missing = [a for a in ARTIFACTS if not (out / a).is_file()]
+    if missing:
+        raise ConfigError(f"{out} is not a finished run (missing {missing})", fix="finish training first")
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for a in ARTIFACTS:
+        with atomic_path(dest / a) as tmp:
+            shutil.copyfile(out / a, tmp)
+        copied.append(dest / a)
+    return copied
+
+
+def _iter_overrides(pairs: list[str]) -> Iterator[tuple[str, Any]]:
+    for p in pairs:
+        if "=" not in p:
+            raise ConfigError(f"--set takes key=value, got {p!r}")
+        k, v = p.split("=", 1)
+        yield k, json.loads(v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m rdt_interp.testbed.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, type=Path, help="run directory (resumed if it holds a checkpoint)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tiny", action="store_true", help="tiny random backbone (a pipeline check in seconds)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON",
+                    help="override TrainConfig fields, e.g. --set steps=200 batch_size=8")
+    ap.add_argument("--export", type=Path, help="copy the finished run's artifacts here")
+    args = ap.parse_args(argv)
+    cfg = tiny_config(args.seed) if args.tiny else TrainConfig(seed=args.seed)
+    overrides = coerce_fields(dict(_iter_overrides(args.set)))
+    if overrides:
+        cfg = replace(cfg, **overrides)
+    train(args.out, cfg)  # resumes when --out holds a run with this configuration
+    if args.export:
+        for p in export(args.out, args.export):
+            print(f"[train] exported {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
