@@ -59,3 +59,14 @@ def test_digests_are_content_based(tmp_path):
 def test_cache_dir_env(tmp_path, monkeypatch):
     monkeypatch.setenv("RDT_INTERP_CACHE", str(tmp_path / "c"))
     assert cache_dir() == tmp_path / "c" and (tmp_path / "c").is_dir()
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    atomic_write_json(tmp_path / "r.json", {"x": 1})
+    mode = stat.S_IMODE(os.stat(tmp_path / "r.json").st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -157,7 +158,7 @@ class ModelAdapter(abc.ABC):
             "input_ids": token_ids,
             "attention_mask": attention_mask,
             "position_ids": position_ids,
-            "past_key_values": past_key_values,
+            cache_kwarg(self.model): past_key_values,
             "use_cache": True,
         }
 
@@ -165,7 +166,7 @@ class ModelAdapter(abc.ABC):
         return output.logits
 
     def cache_of(self, output: Any) -> Any:
-        return output.past_key_values
+        return cache_of(output)
 
     #: token ids generation may choose from (``None``: the whole vocabulary)
     def allowed_token_ids(self) -> Tensor | None:
@@ -194,6 +195,19 @@ class ModelAdapter(abc.ABC):
             "random_weights": self.random_weights,
             "digest": self.digest(),
         }
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """Name of the KV-cache argument of ``model.forward``: ``cache`` from transformers 5.2x on,
+    ``past_key_values`` before (and in custom modules)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_of(output: Any) -> Any:
+    """The KV cache of a model output, under either name."""
+    cache = getattr(output, "cache", None) if "cache" in getattr(output, "keys", lambda: ())() else None
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def model_digest(model: nn.Module, sample: int = 64) -> str:

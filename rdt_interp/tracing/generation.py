@@ -115,3 +115,38 @@ def _greedy(logits: Tensor, allowed: Tensor | None) -> Tensor:
         return logits.argmax(dim=-1)
     allowed = allowed.to(logits.device)
     return allowed[logits[:, allowed].argmax(dim=-1)]
+
+
+def complete(
+    model: ModelAdapter,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    interventions: Sequence[Intervention] = (),
+    batch_size: int = 32,
+    backend: Backend = "hooks",
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[str]:
+    """Greedy text completions of chat prompts (batched by length, returned in input order)."""
+    from tqdm.auto import tqdm
+
+    decode = getattr(model, "decode", None)
+    if decode is None:
+        raise ConfigError(f"{model.name} cannot decode text", fix="use a ChatModel")
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    out: dict[int, str] = {}
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        gen = generate(model, model.encode([prompts[i] for i in chunk]), max_new_tokens=max_new_tokens,
+                       interventions=interventions, backend=backend)
+        eos = model.eos_token_id
+        for row, i in enumerate(chunk):
+            ids = gen.tokens[row].tolist()
+            if eos is not None and eos in ids:
+                ids = ids[: ids.index(eos)]
+            out[i] = decode(ids)
+        bar.update(len(chunk))
+    bar.close()
+    return [out[i] for i in range(len(prompts))]

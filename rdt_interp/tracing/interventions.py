@@ -134,6 +134,8 @@ class AblateDirection:
         basis = vec[None, :] if vec.ndim == 1 else vec
         if basis.ndim != 2:
             raise ConfigError(f"AblateDirection needs [d] or [k, d], got {tuple(vec.shape)}")
+        if bool((basis.norm(dim=-1) == 0).any()):
+            raise ConfigError("AblateDirection got a zero vector", fix="check the direction's norm")
         # Orthonormalise once (QR), so a raw diff-in-means vector or a non-orthogonal set works.
         q, _ = torch.linalg.qr(basis.T)
         object.__setattr__(self, "basis", q.T.contiguous())
