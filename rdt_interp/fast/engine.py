@@ -20,6 +20,7 @@ run eagerly. See docs/fast_path.md.
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -188,6 +189,7 @@ class FastGenerator:
         self._steps: dict[tuple[Any, ...], _Step] = {}
         self._steering: dict[Any, SteeringBuffers] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        self._last: tuple[tuple[Any, ...], tuple[Any, ...]] | None = None
 
     # -- buffers -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -283,6 +285,41 @@ class FastGenerator:
         logits = gen.logits[..., tok.token_ids.to(gen.logits.device)] if gen.logits is not None else None
         return ActionPrediction(gen.tokens, bins, normalized, actions, logits)
 
+    @torch.no_grad()
+    def step_times(
+        self, batch: EncodedBatch, *, interventions: Sequence[Any] = (), repeats: int = 10
+    ) -> dict[str, float]:
+        """Median seconds of the prefill step and of one decode step for ``batch`` (CUDA events on
+        a GPU), to see which phase is far from its floor. Runs ``generate`` once first."""
+        if len(batch) > self.max_batch:
+            raise ConfigError("step_times takes one chunk", fix=f"pass at most {self.max_batch} rows")
+        self.generate(batch, interventions=interventions)
+        prefill, decode = (self._steps[k] for k in self._last)
+        cuda = self.device.type == "cuda"
+        pre: list[float] = []
+        dec: list[float] = []
+        for _ in range(max(1, repeats)):
+            if cuda:
+                ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+                ev[0].record()
+                prefill()
+                ev[1].record()
+                for _ in range(self.n_tokens - 1):
+                    decode()
+                ev[2].record()
+                ev[2].synchronize()
+                pre.append(ev[0].elapsed_time(ev[1]) / 1e3)
+                dec.append(ev[1].elapsed_time(ev[2]) / 1e3 / max(1, self.n_tokens - 1))
+            else:
+                t0 = time.perf_counter()
+                prefill()
+                t1 = time.perf_counter()
+                for _ in range(self.n_tokens - 1):
+                    decode()
+                pre.append(t1 - t0)
+                dec.append((time.perf_counter() - t1) / max(1, self.n_tokens - 1))
+        return {"prefill_s": statistics.median(pre), "decode_step_s": statistics.median(dec)}
+
     def describe(self) -> dict[str, Any]:
         s = self.stats
         return {
@@ -333,6 +370,7 @@ class FastGenerator:
         with _dynamo_limits() if eager_compiled else contextlib.nullcontext():
             self._run_once(prefill, decode)
         self.stats.calls += 1
+        self._last = (pkey, dkey)
         tokens = self.out_tokens[:b].clone()
         # copies: the buffers are overwritten by the next call (.cpu() alone would alias on CPU)
         logits = (self.out_logits[:b].to("cpu", copy=True)
