@@ -102,7 +102,9 @@ class _Kernels:
             return head_logits(h_last, norm_w, lm_w, lm_b, eps=eps)
 
         comp = partial(torch.compile, dynamic=False, fullgraph=True)
-        self.prefill_layer = comp(prefill) if compile_prefill else prefill
+        # decode shapes are static per batch size; prefill shapes also vary with the bucket, so
+        # let dynamo make the dimension that changed dynamic (a new bucket then needs no compile)
+        self.prefill_layer = torch.compile(prefill, dynamic=None, fullgraph=True) if compile_prefill else prefill
         self.decode_layer = comp(decode) if compile_decode else decode
         self.head = comp(head) if compile_decode else head
         self.compiled = compile_decode or compile_prefill
@@ -462,7 +464,10 @@ class FastGenerator:
                 h = apply_adds(h, pre)
                 h = kern.prefill_layer(h, w, kc[layer], vc[layer], cos, sin, mask, attn, mlp)
                 h = apply_adds(h, post)
-            logits = kern.head(h[:, -1:], stack.norm_w, stack.lm_w, stack.lm_b)
+            # a copy with the decode step's strides (.contiguous() keeps a [1, 1, d] view's), so
+            # the compiled head has one variant per batch size, not one per bucket
+            last = h[:, -1:].clone(memory_format=torch.contiguous_format)
+            logits = kern.head(last, stack.norm_w, stack.lm_w, stack.lm_b)
             nxt = greedy(logits, allowed)
             out_tokens[:, 0].copy_(nxt)
             if out_logits is not None:
