@@ -79,6 +79,30 @@ class _Step:
             self.fn()
 
 
+class _CompiledOrEager:
+    """A compiled kernel that becomes its eager version for good if compiling or running it
+    raises (a compiler problem on the target torch costs speed, not the run). Re-running
+    eagerly is safe: a kernel only writes its outputs and the same cache slots."""
+
+    def __init__(self, name: str, eager: Callable[..., Any], on_fail: Callable[[str, Exception], None],
+                 **compile_kw: Any) -> None:
+        self.name = name
+        self.eager = eager
+        self.compiled = torch.compile(eager, fullgraph=True, **compile_kw)
+        self.on_fail = on_fail
+        self.failed = False
+
+    def __call__(self, *args: Any) -> Any:
+        if self.failed:
+            return self.eager(*args)
+        try:
+            return self.compiled(*args)
+        except Exception as exc:  # noqa: BLE001 - any compiler/runtime failure of the compiled kernel
+            self.failed = True
+            self.on_fail(self.name, exc)
+            return self.eager(*args)
+
+
 class _Kernels:
     """The per-layer functions, compiled or not.
 
@@ -86,7 +110,8 @@ class _Kernels:
     compile through one shared wrapper), so compiled variants are counted per kind.
     """
 
-    def __init__(self, stack: DecoderStack, *, compile_decode: bool, compile_prefill: bool) -> None:
+    def __init__(self, stack: DecoderStack, *, compile_decode: bool, compile_prefill: bool,
+                 on_fail: Callable[[str, Exception], None]) -> None:
         spec, eps = stack.spec, stack.spec.final_eps
 
         @no_type_check
@@ -101,12 +126,13 @@ class _Kernels:
         def head(h_last, norm_w, lm_w, lm_b):
             return head_logits(h_last, norm_w, lm_w, lm_b, eps=eps)
 
-        comp = partial(torch.compile, dynamic=False, fullgraph=True)
         # decode shapes are static per batch size; prefill shapes also vary with the bucket, so
         # let dynamo make the dimension that changed dynamic (a new bucket then needs no compile)
-        self.prefill_layer = torch.compile(prefill, dynamic=None, fullgraph=True) if compile_prefill else prefill
-        self.decode_layer = comp(decode) if compile_decode else decode
-        self.head = comp(head) if compile_decode else head
+        self.prefill_layer = (_CompiledOrEager("prefill layer", prefill, on_fail, dynamic=None)
+                              if compile_prefill else prefill)
+        self.decode_layer = (_CompiledOrEager("decode layer", decode, on_fail, dynamic=False)
+                             if compile_decode else decode)
+        self.head = _CompiledOrEager("LM head", head, on_fail, dynamic=False) if compile_decode else head
         self.compiled = compile_decode or compile_prefill
 
 
@@ -124,9 +150,9 @@ class FastGenerator:
         max_prompt_len: longest prompt in decoder positions (OpenVLA: 256 patches + text).
         bucket: prompts are left-padded to a multiple of this (one prefill step per bucket).
         cuda_graphs: capture steps as CUDA graphs (default: on for CUDA models).
-        compile: ``torch.compile`` the decode layer and LM head (``"decode"``, the ``"auto"``
-            choice on CUDA), also the prefill layer (``"all"``), or nothing (``"none"``, the
-            ``"auto"`` choice on CPU). A failing compile falls back to eager kernels.
+        compile: ``torch.compile`` the decode layer, LM head and prefill layer (``"all"``, the
+            ``"auto"`` choice on CUDA), only the decode layer and head (``"decode"``), or nothing
+            (``"none"``, the ``"auto"`` choice on CPU). A kernel whose compile fails runs eagerly.
         fuse_projections: one GEMM for q/k/v and one for gate/up (copies those weights;
             default on for CUDA).
         warmup: eager runs before a capture (the first one compiles).
@@ -174,7 +200,7 @@ class FastGenerator:
         self.cuda_graphs = on_cuda if cuda_graphs is None else bool(cuda_graphs)
         if self.cuda_graphs and not on_cuda:
             raise ConfigError("cuda_graphs=True needs a model on a CUDA device", fix="leave cuda_graphs unset")
-        mode = ("decode" if on_cuda else "none") if compile == "auto" else compile
+        mode = ("all" if on_cuda else "none") if compile == "auto" else compile
         self.warmup = int(warmup)
         self.generated_role: Role = adapter.generated_role
         self.stack = DecoderStack(adapter, fuse=on_cuda if fuse_projections is None else bool(fuse_projections))
@@ -186,7 +212,7 @@ class FastGenerator:
                               fix=f"use max_prompt_len <= {window - self.n_tokens} or the eager path")
         self.stats = FastStats(compile_mode=mode, cuda_graphs=self.cuda_graphs)
         self._kernels = _Kernels(self.stack, compile_decode=mode in ("decode", "all"),
-                                 compile_prefill=mode == "all")
+                                 compile_prefill=mode == "all", on_fail=self._compile_failed)
         self._alloc()
         self._steps: dict[tuple[Any, ...], _Step] = {}
         self._steering: dict[Any, SteeringBuffers] = {}
@@ -536,28 +562,19 @@ class FastGenerator:
 
     def _warm(self, prefill: Callable[[], None], decode: Callable[[], None]) -> None:
         """Eager runs on a side stream (what CUDA-graph capture needs; compiles on the first)."""
+        with _stream_ctx(self.device) as stream, _dynamo_limits():
+            for _ in range(max(1, self.warmup)):
+                self._run_once(prefill, decode)
+            if stream is not None:
+                stream.synchronize()
 
-        def runs() -> None:
-            with _stream_ctx(self.device) as stream, _dynamo_limits():
-                for _ in range(max(1, self.warmup)):
-                    self._run_once(prefill, decode)
-                if stream is not None:
-                    stream.synchronize()
-
-        if not self._kernels.compiled:
-            runs()
-            return
-        try:
-            runs()
-        except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back to eager kernels
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.stats.compile_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-            warnings.warn(f"torch.compile failed, the fast path uses eager kernels: {self.stats.compile_error}",
-                          RuntimeWarning, stacklevel=3)
-            self._kernels = _Kernels(self.stack, compile_decode=False, compile_prefill=False)
-            self.stats.compile_mode = "none (compile failed)"
-            runs()
+    def _compile_failed(self, name: str, exc: Exception) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        msg = f"{name}: {type(exc).__name__}: {exc}".splitlines()[0][:400]
+        self.stats.compile_error = msg if self.stats.compile_error is None else f"{self.stats.compile_error}; {msg}"
+        self.stats.compile_mode += f" ({name} eager: compile failed)"
+        warnings.warn(f"torch.compile failed, the fast path runs the {msg} eagerly", RuntimeWarning, stacklevel=2)
 
     def _capture(self, fn: Callable[[], None]) -> Any:
         t0 = time.perf_counter()

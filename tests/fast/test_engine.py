@@ -154,3 +154,24 @@ def test_cpu_runs_the_steps_eagerly(vla):
     d = fast.describe()
     assert d["cuda_graphs"] is False and d["graphs_captured"] == 0 and d["compile_mode"] == "none"
     assert d["steps_built"] == 2 and d["warmup_seconds"] == 0.0
+
+
+def test_a_kernel_that_fails_to_compile_runs_eagerly(chat, monkeypatch):
+    def fake_compile(fn, **kw):
+        if fn.__name__ != "decode":
+            return fn  # "compiled" = the eager function
+
+        def broken(*args):
+            raise RuntimeError("inductor exploded")
+
+        return broken
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    batch = chat.encode(PROMPTS)
+    fast = FastGenerator(chat, n_tokens=4, compile="all")
+    with pytest.warns(RuntimeWarning, match="decode layer"):
+        got = fast.generate(batch, return_logits=True)
+    assert_same(got, eager(chat, batch, 4))
+    assert fast.stats.compile_error == "decode layer: RuntimeError: inductor exploded"
+    assert fast._kernels.decode_layer.failed and not fast._kernels.prefill_layer.failed
+    assert "decode layer eager" in fast.describe()["compile_mode"]
