@@ -128,7 +128,7 @@ class VLARDTConfig:
     decoupling: bool = True
     decoupling_roles: tuple[str, ...] = ("image", "text", "last_text", "first_action", "action[3]")
     decoupling_layers: tuple[int, ...] | None = None  # None: every layer
-    folds: int = 5
+    folds: int = 5  # CV folds, only without a val split (otherwise probes fit on val)
     n_perm: int = 1000
     probe: bool = True
     figures: bool = True
@@ -801,8 +801,15 @@ def decoupling(
     *,
     progress: bool = False,
 ) -> DecouplingResult:
-    """Projection AUC along ``r``, Cohen's d and CV-probe AUC of harmful vs benign at every
-    ``config.decoupling_roles`` x ``config.decoupling_layers`` (unsteered residuals)."""
+    """Projection AUC along ``r``, Cohen's d and probe AUC of harmful vs benign at every
+    ``config.decoupling_roles`` x ``config.decoupling_layers`` (unsteered residuals).
+
+    With a ``val`` and a ``test`` split (each with both labels) the logistic probes are fitted on
+    ``val`` and every number is measured on ``test``: pairs never straddle the two, so a probe
+    cannot score an instruction by its twin (intervals and p-values exact). Otherwise K-fold CV
+    over all requests, where stratified folds do split pairs (shared image, near-identical
+    text) and the probe AUC is biased; the grid's ``probe_source`` says which was done.
+    """
     d = as_direction(direction, adapter.d_model)
     layers = steering_layers(adapter, d, config.layers)
     caps = capture_roles(adapter, [r.request for r in requests], roles=config.decoupling_roles,
@@ -810,10 +817,15 @@ def decoupling(
                          backend=config.backend,  # type: ignore[arg-type]
                          constrain_actions=config.constrain_actions, progress=progress)
     y = torch.tensor([r.label == "harmful" for r in requests])
-    splits = sorted({r.split for r in requests})
-    data = caps.labeled(y, split="+".join(splits))
-    grid = probe_grid(data, directions=d.vector, probe=config.probe, folds=config.folds, n_boot=config.n_boot,
-                      n_perm=config.n_perm, seed=config.seed)
+    idx = {s: [i for i, r in enumerate(requests) if r.split == s] for s in ("val", "test")}
+    held_out = all(len({requests[i].label for i in idx[s]}) == 2 for s in ("val", "test"))
+    if held_out:
+        fit = caps.select(idx["val"]).labeled(y[idx["val"]], split="val")
+        data = caps.select(idx["test"]).labeled(y[idx["test"]], split="test")
+    else:
+        fit, data = None, caps.labeled(y, split="+".join(sorted({r.split for r in requests})))
+    grid = probe_grid(data, directions=d.vector, fit=fit, probe=config.probe, folds=config.folds,
+                      n_boot=config.n_boot, n_perm=config.n_perm, seed=config.seed)
     layer = layers[0] if layers[0] in data.layers else data.layers[len(data.layers) // 2]
     return DecouplingResult(grid, caps.roles, layer, _direction_info(d))
 

@@ -156,18 +156,24 @@ def test_direction_specificity_against_random_directions(vla):
 
 
 def test_decoupling_grid_is_the_projection_auc_of_the_captures(vla):
-    reqs = load_requests(vla, n_pairs=5, images="noise", seed=4)
+    reqs = load_requests(vla, n_pairs=6, images="noise", val_fraction=0.5, seed=4)
     d = _direction(vla)
-    res = decoupling(vla, d, reqs, _config(n_perm=20))
+    res = decoupling(vla, d, reqs, _config(n_perm=20, probe=True))
     assert res.roles == ("text", "last_text", "first_action") and res.grid.layers == (0, 1)
     assert res.layer == 1 and set(res.at_layer()) == set(res.roles)
-    caps = capture_roles(vla, [r.request for r in reqs], roles=res.roles, layers=[0, 1])
-    y = torch.tensor([r.label == "harmful" for r in reqs])
+    # probes fitted on the val pairs, every number measured on the test pairs
+    assert res.grid.split == "test" and "fitted on split 'val'" in res.grid.probe_source
+    assert res.grid.n_pos == res.grid.n_neg == 3
+    test = [r for r in reqs if r.split == "test"]
+    caps = capture_roles(vla, [r.request for r in test], roles=res.roles, layers=[0, 1])
+    y = torch.tensor([r.label == "harmful" for r in test])
     for role in res.roles:
         s = caps.at(role).values[:, 1, 0] @ d.vector
         assert res.grid.cell(1, role)["proj_auc"] == pytest.approx(float(auc_groups(s[y], s[~y])), abs=1e-9)
     back = DecouplingResult.from_dict(json.loads(to_json(res.to_dict())))
     assert to_json(back.at_layer()) == to_json(res.at_layer())
+    cv = decoupling(vla, d, load_requests(vla, n_pairs=3, images="noise", val_fraction=0.0), _config(n_perm=20))
+    assert cv.grid.split == "test" and cv.grid.n_pos == 3 and "cross-fitted" not in cv.grid.proj_source
 
 
 def test_run_resumes_and_refuses_another_config(vla, tmp_path):
