@@ -377,8 +377,9 @@ class FastGenerator:
             steer = SteeringBuffers(layout, max_batch=self.max_batch, max_len=self.max_prompt_len,
                                     d_model=self.stack.spec.d_model, dtype=self.dtype, device=self.device)
             self._steering[layout.key] = steer
-        roles = F.pad(batch.roles.to(self.device), (pad, 0), value=int(Role.PAD))
-        steer.fill(ivs, roles, self.generated_role)
+        if layout.decode or layout.prefill:
+            roles = F.pad(batch.roles.to(self.device), (pad, 0), value=int(Role.PAD))
+            steer.fill(ivs, roles, self.generated_role)
         n_allowed = None
         if allowed is not None:
             allowed = allowed.to(device=self.device, dtype=torch.long).reshape(-1)

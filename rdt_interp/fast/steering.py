@@ -135,6 +135,8 @@ class SteeringBuffers:
     ) -> None:
         """Write the values of ``interventions`` (same layout) for a batch whose (padded)
         prefill positions have ``prefill_roles``."""
+        if not self.layout.decode and not self.layout.prefill:
+            return
         b, n = prefill_roles.shape
         if b > self.max_batch or n > self.max_len:
             raise ConfigError(f"batch {b} x {n} positions exceeds the buffers ({self.max_batch} x {self.max_len})")
