@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     layer = args.layer if args.layer is not None else vla.n_layers // 2
     g = torch.Generator().manual_seed(args.seed + 1)
     r = torch.randn(vla.d_model, generator=g)
-    r = r / r.norm()
+    r = (r / r.norm()).to(device, dtype)  # on the device already: no copy per steered forward
     ivs = {"unsteered": [], "RDT": steer_vla(r, "action", args.alpha, [layer], d_model=vla.d_model),
            "RDT+": steer_vla(r, "text+action", args.alpha, [layer], d_model=vla.d_model)}
     rng = np.random.default_rng(args.seed)
