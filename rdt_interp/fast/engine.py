@@ -570,7 +570,7 @@ class FastGenerator:
                 stream.synchronize()
 
     def _compile_failed(self, name: str, exc: Exception) -> None:
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
             torch.cuda.synchronize(self.device)
         msg = f"{name}: {type(exc).__name__}: {exc}".splitlines()[0][:400]
         self.stats.compile_error = msg if self.stats.compile_error is None else f"{self.stats.compile_error}; {msg}"
