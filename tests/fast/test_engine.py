@@ -175,3 +175,13 @@ def test_a_kernel_that_fails_to_compile_runs_eagerly(chat, monkeypatch):
     assert fast.stats.compile_error == "decode layer: RuntimeError: inductor exploded"
     assert fast._kernels.decode_layer.failed and not fast._kernels.prefill_layer.failed
     assert "decode layer eager" in fast.describe()["compile_mode"]
+
+
+def test_other_prompts_reuse_the_steps_and_are_restaged(vla, direction):
+    # what CUDA-graph replay relies on: every input of a step is copied into the same buffers
+    fast = FastGenerator(vla, max_prompt_len=256, bucket=128)
+    ivs = rdt_plus(direction, 6.0, 3.0, [0, 2])
+    first, second = vla.encode(vla_requests(3, seed=1)), vla.encode(vla_requests(3, seed=2)[::-1])
+    for batch in (first, second, first):
+        assert_same(fast.generate(batch, interventions=ivs, return_logits=True), eager(vla, batch, 7, ivs))
+    assert fast.stats.steps_built == 2
