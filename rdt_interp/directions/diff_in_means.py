@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -80,7 +81,7 @@ def extract_candidates(
     role: str = "post_instruction",
     site: str = "resid_pre",
     batch_size: int = 16,
-    cache: bool | str = False,
+    cache: bool | str | os.PathLike[str] = False,
     progress: bool = True,
 ) -> CandidateDirections:
     """Capture both classes at the last ``n_positions`` tokens of ``role`` (all of them if None)

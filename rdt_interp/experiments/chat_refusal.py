@@ -33,10 +33,9 @@ class ChatRefusalConfig:
     max_new_tokens: int = 48
     gen_batch_size: int = 32
     capture_batch_size: int = 16
-    # Arditi et al. filter on a steering score with coefficient 1 (Llama-2-7b-chat and larger).
-    # On Qwen2.5-Coder-0.5B no candidate reaches a positive steering score at 1 (measured: best
-    # about -1.2 against a harmless baseline of -3.1), so the demo filters at 2.
-    selection: SelectionConfig = field(default_factory=lambda: SelectionConfig(steering_alpha=2.0))
+    # Arditi et al.'s defaults (steering score at coefficient 1). The demo config raises
+    # selection.steering_alpha for the 0.5B model: see rdt_interp/data/configs/demo.toml.
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     n_boot: int = 2000
     seed: int = 0
 
@@ -46,7 +45,7 @@ class ChatRefusalConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ChatRefusalConfig:
         d = dict(d)
-        d["selection"] = SelectionConfig(**{**asdict(cls().selection), **d.get("selection", {})})
+        d["selection"] = SelectionConfig(**d.get("selection", {}))
         d["alphas"] = tuple(d.get("alphas", cls.alphas))
         return cls(**d)
 

@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from rdt_interp.directions.direction import Direction
 from rdt_interp.errors import ConfigError, DModelMismatchError
 from rdt_interp.roles import ANY_REAL, Role, role_mask
 
@@ -56,7 +57,7 @@ class StepContext:
     step: int = 0
 
 
-def _as_vector(direction: Tensor | object) -> Tensor:
+def _as_vector(direction: Tensor | Direction) -> Tensor:
     vec = getattr(direction, "vector", direction)
     if not isinstance(vec, Tensor):
         raise ConfigError(f"direction must be a tensor or a Direction, got {type(direction).__name__}")
@@ -74,7 +75,7 @@ class AddDirection:
     ``alpha`` is a number, or one number per batch row (a 1-D tensor) for per-row steering.
     """
 
-    direction: Tensor
+    direction: Tensor | Direction
     alpha: float | Tensor
     layers: int | Sequence[int]
     roles: Role = ANY_REAL
@@ -103,6 +104,7 @@ class AddDirection:
         mask = role_mask(ctx.roles, self.roles)
         if not bool(mask.any()):
             return h
+        mask = mask.to(h.device)  # layers may sit on other devices than the batch
         vec = self.direction.to(device=h.device, dtype=h.dtype)
         alpha = self.alpha
         if isinstance(alpha, Tensor):
@@ -123,7 +125,7 @@ class AblateDirection:
     attention and MLP outputs, at all positions, in prefill and decode.
     """
 
-    direction: Tensor
+    direction: Tensor | Direction
     layers: Sequence[int] | None = None  # None: every layer
     sites: tuple[Site, ...] = (Site.RESID_PRE, Site.ATTN_OUT, Site.MLP_OUT)
     phase: Phase = "both"
@@ -186,13 +188,13 @@ class InterventionPlan:
         return h
 
 
-def rdt(direction: Tensor | object, alpha_act: float, layers: int | Sequence[int]) -> list[Intervention]:
+def rdt(direction: Tensor | Direction, alpha_act: float, layers: int | Sequence[int]) -> list[Intervention]:
     """RDT: add ``alpha_act * r`` at action positions during decoding."""
     return [AddDirection(direction, alpha_act, layers, roles=Role.ACTION, phase="decode")]
 
 
 def rdt_plus(
-    direction: Tensor | object,
+    direction: Tensor | Direction,
     alpha_act: float,
     alpha_text: float,
     layers: int | Sequence[int],

@@ -1,0 +1,161 @@
+"""The ``rdt-interp`` command line: run a study, rebuild its figures, inspect it, run the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from rdt_interp import __version__
+from rdt_interp.errors import RdtError
+
+app = typer.Typer(
+    name="rdt-interp",
+    help="Refusal Direction Transfer: trace, probe and steer chat LMs and VLAs.\n\n"
+    "Start with `rdt-interp demo` (offline, CPU). A study is one TOML config: "
+    "`rdt-interp run CONFIG --out RUN_DIR` (resumable), then `rdt-interp figures RUN_DIR` and "
+    "`rdt-interp inspect RUN_DIR`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _version(value: bool | None) -> None:
+    if value:
+        typer.echo(f"rdt-interp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
+                                              help="Print the version and exit.")] = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Study config (TOML); see docs/cli.md.")],
+    out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/<name>).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Run (or resume) a study: chat side, direction, VLA side, cross-model, figures."""
+    from rdt_interp.experiments.config import load_config
+    from rdt_interp.experiments.study import run_study
+
+    try:
+        cfg = load_config(config)
+        run_dir = out or Path("runs") / cfg.name
+        t0 = time.perf_counter()
+        run_study(cfg, run_dir, progress=progress, log=typer.echo)
+        typer.echo(f"done in {time.perf_counter() - t0:.0f} s -> {run_dir}")
+        _print_summary(run_dir)
+    except RdtError as exc:
+        _fail(exc)
+
+
+@app.command()
+def figures(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory made by `rdt-interp run`.")],
+    out: Annotated[Path | None, typer.Option(help="Where to write the figures (default RUN_DIR/figures).")] = None,
+) -> None:
+    """Rebuild every figure of a run from its saved results (no model is loaded)."""
+    from rdt_interp.viz.study import study_figures
+
+    try:
+        written = study_figures(run_dir, out or run_dir / "figures")
+    except RdtError as exc:
+        _fail(exc)
+    pngs = [p for p in written if p.suffix == ".png"]
+    typer.echo(f"{len(pngs)} figures (PDF + PNG) in {out or run_dir / 'figures'}")
+
+
+@app.command()
+def inspect(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
+    """Summary table of a run in the terminal."""
+    if not (run_dir / "config.json").is_file():
+        _fail(RdtError(f"{run_dir} is not a run directory (no config.json)"))
+    _print_summary(run_dir)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/demo"),
+    quick: Annotated[bool, typer.Option(help="The small configuration (a few minutes).")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """The offline demo: real Qwen2.5-Coder-0.5B-Instruct (chat side) and the learned testbed
+    mini-VLA built on it (VLA side), on CPU. Resumes if interrupted."""
+    from rdt_interp.experiments.config import builtin_config
+    from rdt_interp.experiments.study import run_study
+
+    try:
+        cfg = builtin_config("quick" if quick else "demo")
+        out = out if not (quick and out == Path("runs/demo")) else Path("runs/quick")
+        t0 = time.perf_counter()
+        run_study(cfg, out, progress=progress, log=typer.echo)
+        typer.echo(f"demo finished in {time.perf_counter() - t0:.0f} s; figures in {out / 'figures'}")
+        _print_summary(out)
+    except RdtError as exc:
+        _fail(exc)
+
+
+@app.command()
+def models() -> None:
+    """List the named chat models."""
+    from rdt_interp.models.registry import REGISTRY
+
+    for e in REGISTRY.values():
+        typer.echo(f"{e.name:32s} {e.kind:13s} {e.description}")
+
+
+def _print_summary(run_dir: Path) -> None:
+    path = run_dir / "summary.json"
+    chat_path = run_dir / "chat" / "summary.json"
+    if not chat_path.is_file():
+        typer.echo(f"{run_dir}: no finished chat study yet (run it again to resume)")
+        return
+    chat = json.loads(chat_path.read_text())
+    ev = chat["evaluation"]
+
+    def pct(e: dict, key: str) -> str:
+        return f"{100 * e[key]:5.1f}% [{100 * e[key + '_lo']:.0f}, {100 * e[key + '_hi']:.0f}]"
+
+    rows = [
+        ("chat model", chat["model"]["name"] + (" (RANDOM WEIGHTS)" if chat["model"]["random_weights"] else "")),
+        ("direction", f"layer {chat['layer']}, position {chat['position']}, |r| = {chat['direction_norm']:.2f}"
+         + ("" if chat["filters_passed"] else "  (no candidate passed the filters)")),
+        ("harmful refusal, baseline", pct(ev["baseline_harmful"], "refusal")),
+        ("harmful compliance, r ablated", pct(ev["ablation_harmful"], "compliance")),
+        ("harmless refusal, baseline", pct(ev["baseline_harmless"], "refusal")),
+        (f"harmless refusal, +{chat['alpha']:g}·r", pct(ev["addition_harmless"], "refusal")),
+        ("KL on harmless, r ablated", f"{chat['kl']['kl']:.3f} [{chat['kl']['lo']:.3f}, {chat['kl']['hi']:.3f}]"),
+    ]
+    if path.is_file():
+        s = json.loads(path.read_text())
+        if "vla" in s:
+            v = s["vla"]
+            rows.append(("VLA", v["model"]["name"] + (" (RANDOM WEIGHTS)" if v["random_weights"] else "")))
+            vsum = run_dir / "vla" / "summary.json"
+            if vsum.is_file():
+                for k, val in json.loads(vsum.read_text()).items():
+                    if isinstance(val, (int, float, str)):
+                        rows.append((f"  {k}", f"{val:.4g}" if isinstance(val, float) else str(val)))
+    width = max(len(r[0]) for r in rows)
+    typer.echo(f"\n{run_dir}")
+    for k, v in rows:
+        typer.echo(f"  {k:<{width}}  {v}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

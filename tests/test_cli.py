@@ -1,0 +1,146 @@
+"""The command line end to end on tiny models: run, resume after a kill, figures, inspect, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rdt_interp.cli import app
+
+CHAT_ONLY = """
+name = "tiny-chat"
+[chat_model]
+name = "tiny-qwen2"
+[chat]
+n_train = 8
+n_test = 6
+alphas = [1.0, 4.0]
+alpha_val_n = 4
+max_new_tokens = 4
+n_boot = 100
+[chat.selection]
+screen_n = 3
+final_n = 5
+top_k = 2
+kl_threshold = 10.0
+"""
+
+WITH_VLA = CHAT_ONLY.replace('name = "tiny-chat"', 'name = "tiny-study"') + """
+[vla_model]
+adapter = "testbed-tiny"
+[vla]
+alphas = [1.0, 4.0]
+n_pairs = 6
+n_random = 100
+specificity_pairs = 3
+n_boot = 50
+n_perm = 50
+folds = 2
+"""
+
+runner = CliRunner()
+
+
+def _results(run_dir: Path) -> dict[str, object]:
+    """Every step result of a run, without wall-clock fields."""
+    skip = {"timings.json", "summary.json"}
+
+    def clean(obj: object) -> object:
+        if isinstance(obj, dict):
+            return {k: clean(v) for k, v in obj.items() if k != "seconds" and not k.startswith("wall_s")}
+        if isinstance(obj, list):
+            return [clean(v) for v in obj]
+        return obj
+
+    return {str(p.relative_to(run_dir)): clean(json.loads(p.read_text()))
+            for p in sorted(run_dir.rglob("*.json")) if p.name not in skip}
+
+
+def test_run_killed_and_resumed_gives_identical_results(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(CHAT_ONLY)
+    ref = tmp_path / "ref"
+    res = runner.invoke(app, ["run", str(cfg), "--out", str(ref), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    # Kill a second run as soon as its selection step has been written, then resume it.
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "rdt_interp.cli", "run", str(cfg), "--out", str(killed),
+                             "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 600
+    while not (killed / "chat" / "selection.json").is_file():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "chat" / "evaluation.json").is_file()
+    res = runner.invoke(app, ["run", str(cfg), "--out", str(killed), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "[cached] selection" in res.output and "[run]    evaluation" in res.output
+    assert _results(killed) == _results(ref)
+    assert (killed / "figures" / "chat_refusal_rates.png").is_file()
+
+
+def test_full_study_figures_and_inspect(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(WITH_VLA)
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["run", str(cfg), "--out", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "RANDOM WEIGHTS" in res.output
+    assert (out / "cross_model.json").is_file() and (out / "vla" / "result.json").is_file()
+    figs = tmp_path / "figs"
+    res = runner.invoke(app, ["figures", str(out), "--out", str(figs)])
+    assert res.exit_code == 0, res.output
+    names = {p.stem for p in figs.glob("*.png")}
+    assert {"chat_refusal_rates", "chat_selection", "chat_alpha_sweep", "alpha_sweep", "target_modes",
+            "cross_model_alignment_last_text", "cross_model_principal_angles", "specificity",
+            "decoupling"} <= names
+    assert {p.stem for p in figs.glob("*.pdf")} == names
+    res = runner.invoke(app, ["inspect", str(out)])
+    assert res.exit_code == 0 and "harmful compliance" in res.output
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("name = 'x'\n[chat]\nn_trian = 3\n", "chat.n_trian: unknown key"),
+    ("name = 'x'\n[chat]\nn_train = 'many'\n", "chat.n_train"),
+    ("name = 'x'\n[vla_model]\nadapter = 'openvla'\n[vla]\n", "needs vla_model.checkpoint"),
+    ("name = 'x'\n[chat\n", "not valid TOML"),
+])
+def test_bad_configs_are_clear_errors(tmp_path, text, needle):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text)
+    res = runner.invoke(app, ["run", str(cfg), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2
+    assert needle in res.output
+
+
+def test_another_config_in_the_same_run_dir_is_refused(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(CHAT_ONLY)
+    out = tmp_path / "r"
+    (out).mkdir()
+    (out / "config.json").write_text(json.dumps({"experiment": "study", "name": "other"}))
+    res = runner.invoke(app, ["run", str(cfg), "--out", str(out)])
+    assert res.exit_code == 2 and "another config" in res.output
+
+
+def test_figures_of_an_empty_dir_is_a_clear_error(tmp_path):
+    res = runner.invoke(app, ["figures", str(tmp_path)])
+    assert res.exit_code == 2 and "no finished chat study" in res.output
+
+
+def test_help_and_version():
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0 and "demo" in res.output and "figures" in res.output
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.startswith("rdt-interp ")
