@@ -804,7 +804,7 @@ def decoupling(
     """Projection AUC along ``r``, Cohen's d and probe AUC of harmful vs benign at every
     ``config.decoupling_roles`` x ``config.decoupling_layers`` (unsteered residuals).
 
-    With a ``val`` and a ``test`` split (each with both labels) the logistic probes are fitted on
+    With a ``val`` and a ``test`` split (each with two or more of each label) the probes are fitted on
     ``val`` and every number is measured on ``test``: pairs never straddle the two, so a probe
     cannot score an instruction by its twin (intervals and p-values exact). Otherwise K-fold CV
     over all requests, where stratified folds do split pairs (shared image, near-identical
@@ -818,7 +818,7 @@ def decoupling(
                          constrain_actions=config.constrain_actions, progress=progress)
     y = torch.tensor([r.label == "harmful" for r in requests])
     idx = {s: [i for i, r in enumerate(requests) if r.split == s] for s in ("val", "test")}
-    held_out = all(len({requests[i].label for i in idx[s]}) == 2 for s in ("val", "test"))
+    held_out = all(sum(requests[i].label == lab for i in idx[s]) >= 2 for s in ("val", "test") for lab in LABELS)
     if held_out:
         fit = caps.select(idx["val"]).labeled(y[idx["val"]], split="val")
         data = caps.select(idx["test"]).labeled(y[idx["test"]], split="test")
