@@ -48,7 +48,7 @@ class Recorder:
                 if self._idx is None or self._idx[0].shape[0] != h.shape[0]:
                     idx, w = self.selector.resolve(ctx.roles)
                     self._idx = (idx.to(h.device), w.to(h.device))
-                idx, w = self._idx
+                idx, w = self._idx[0].to(h.device), self._idx[1].to(h.device)  # layers may sit on other devices
                 picked = gather_positions(h, idx, w, self.selector.pool)
             self.prefill[layer] = picked.detach().to(self.device, torch.float32)
         else:

@@ -163,7 +163,7 @@ class RoleRecorder(Recorder):
         if ctx.phase == "prefill":
             if self._weights is None or self._weights[0] is not ctx.roles:
                 self._weights = (ctx.roles, _prefill_weights(self.prefill_specs, ctx.roles.to(h.device)))
-            pooled = torch.einsum("rbs,bsd->rbd", self._weights[1], h.float())
+            pooled = torch.einsum("rbs,bsd->rbd", self._weights[1].to(h.device), h.float())
             for spec, v in zip(self.prefill_specs, pooled, strict=True):
                 self.values[spec.name][layer] = v.detach().to(self.device)
             return
@@ -372,6 +372,7 @@ class AddRowDirections(AddDirection):
         mask = role_mask(ctx.roles, self.roles)
         if not bool(mask.any()):
             return h
+        mask = mask.to(h.device)  # layers may sit on other devices than the batch
         vec = self.direction.to(device=h.device, dtype=h.dtype)
         alpha = self.alpha
         if isinstance(alpha, Tensor):
