@@ -33,6 +33,7 @@ action tokens, and random or weak VLAs would otherwise emit text.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 import time
@@ -220,6 +221,11 @@ def scene_image(instructions: Sequence[str], seed: int, size: int) -> np.ndarray
     return render(scene, size)
 
 
+@functools.lru_cache(maxsize=1)
+def _robot_instructions() -> PromptSet:
+    return robot_instructions()  # a frozen PromptSet: safe to share between calls
+
+
 def _normalize_label(label: str, where: str) -> str:
     key = label.strip().lower()
     if key not in _LABEL_ALIASES:
@@ -250,7 +256,7 @@ def load_requests(
     """
     size = image_size if isinstance(image_size, int) else vla_image_size(image_size)
     if prompts is None:
-        ps = robot_instructions()
+        ps = _robot_instructions()
     elif isinstance(prompts, PromptSet):
         ps = prompts
     else:
