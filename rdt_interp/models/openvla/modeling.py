@@ -10,9 +10,7 @@ left-padded batches: the patches go right after each row's BOS, i.e. after its p
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +22,7 @@ from rdt_interp.errors import ConfigError
 from rdt_interp.models.adapter import position_ids_from_mask
 from rdt_interp.models.openvla.config import OpenVLAConfig
 from rdt_interp.models.openvla.vision import VisionBackbone
+from rdt_interp.models.random_init import fill_random_, materialize_, parameters_on_meta
 
 
 class Projector(nn.Module):
@@ -214,65 +213,15 @@ def _text_mask_from_decoder_mask(mask: Tensor, n_patch: int) -> Tensor:
     return mask.gather(1, src)
 
 
-# -- construction without paying for initialisation -------------------------------------------
-
-
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Create parameters on the meta device (no memory, no init cost); buffers stay real.
-
-    Buffers (rotary ``inv_freq``, SigLIP ``position_ids``) are computed in constructors and are
-    not in checkpoints, so they must keep their values; only parameters are deferred.
-    """
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
-
-
-def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Give every meta parameter uninitialised storage on ``device`` (tied parameters stay tied)."""
-    made: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        for name, p in list(module._parameters.items()):
-            if p is None:
-                continue
-            if id(p) not in made:
-                dt = dtype if p.is_floating_point() else p.dtype
-                made[id(p)] = nn.Parameter(torch.empty(p.shape, device=device, dtype=dt),
-                                           requires_grad=p.requires_grad)
-            module._parameters[name] = made[id(p)]
-        for name, buf in list(module._buffers.items()):
-            if buf is not None:
-                module._buffers[name] = buf.to(device)
+# -- construction without paying for initialisation (rdt_interp.models.random_init) -----------
 
 
 def build_empty_model(config: OpenVLAConfig, *, dtype: torch.dtype, device: torch.device | str) -> OpenVLAModel:
     """The architecture on ``device`` with uninitialised parameters (fill them before use)."""
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = OpenVLAModel(config)
-    _materialize(model, torch.device(device), dtype)
+    materialize_(model, device, dtype)
     return model.eval()
 
 
-@torch.no_grad()
-def fill_random_(model: nn.Module, seed: int, std: float = 0.02) -> None:
-    """Cheap random weights in place: N(0, std) matrices/embeddings, unit gains, zero biases."""
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith("bias"):
-            p.zero_()
-        elif p.ndim == 1:
-            p.fill_(1.0)  # norm gains and LayerScale
-        else:
-            p.normal_(0.0, std, generator=gen)
+__all__ = ["MultimodalLayout", "OpenVLAModel", "OpenVLAOutput", "Projector", "build_empty_model", "fill_random_"]
