@@ -138,17 +138,17 @@ def load_prompt_file(
             keys = sorted(row) if isinstance(row, dict) else type(row).__name__
             raise ConfigError(f"{path} row {i} has no column {column!r} (has {keys})",
                               fix="pass column=... naming the text field")
-
-        def get(col: str | None, default: str | None, row: dict = row) -> str | None:
-            if col is None or row.get(col) in (None, ""):
-                return default
-            return str(row[col])
-
-        out.append(Prompt(str(row[column]), get(label_column, "unknown") or "unknown",
-                          get(category_column, "none") or "none", get(pair_column, None)))
+        out.append(Prompt(str(row[column]), _field(row, label_column) or "unknown",
+                          _field(row, category_column) or "none", _field(row, pair_column)))
     if not out:
         raise ConfigError(f"{path} holds no prompts")
     return PromptSet(name or path.stem, tuple(out))
+
+
+def _field(row: dict, column: str | None) -> str | None:
+    if column is None or row.get(column) in (None, ""):
+        return None
+    return str(row[column])
 
 
 def instructions(prompts: Sequence[Prompt] | PromptSet | Sequence[str]) -> list[str]:
