@@ -15,7 +15,6 @@ from typing import ClassVar
 import numpy as np
 import torch
 from jaxtyping import Float
-from scipy import stats as sps
 from torch import Tensor
 
 from rdt_interp.analysis._result import ResultMixin
@@ -54,6 +53,8 @@ def abs_cos_pvalue(abs_cos: Float[Array, "*k"] | float, d: int) -> Float[np.ndar
     """``P(|cos| >= c)`` for a uniformly random direction in ``d`` dimensions (analytic)."""
     c = np.abs(np.asarray(abs_cos.detach().cpu() if isinstance(abs_cos, Tensor) else abs_cos,
                           dtype=np.float64))
+    from scipy import stats as sps  # imported here: the GPU image may lack scipy
+
     a = (d - 1) / 2.0
     return np.asarray(np.clip(2.0 * sps.beta.sf((1.0 + c) / 2.0, a, a), 0.0, 1.0), dtype=np.float64)
 
@@ -62,6 +63,8 @@ def abs_cos_quantile(q: float, d: int) -> float:
     """The ``q`` quantile of ``|cos|`` between random directions in ``d`` dimensions."""
     if not 0.0 <= q < 1.0:
         raise ConfigError(f"quantile must be in [0, 1), got {q}")
+    from scipy import stats as sps
+
     a = (d - 1) / 2.0
     return float(2.0 * sps.beta.isf((1.0 - q) / 2.0, a, a) - 1.0)
 

@@ -20,6 +20,8 @@ own placement: ``load_chat_model(path, device_map="auto")``.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -130,10 +132,46 @@ def place_model(
     else:
         dm = {k: str(torch.device(v)) if not isinstance(v, str) else v for k, v in device_map.items()}
     main = next(iter(dm.values())) if device_map is not None else str(torch.device(list(devices)[0]))
-    dispatch_model(adapter.model, dict(dm), main_device=main, skip_keys=list(SKIP_KEYS),
-                   force_hooks=force_hooks)
+    quiet = logging.getLogger("accelerate.big_modeling")
+    level = quiet.level
+    if torch.device(main).type == "cpu":  # "offloaded to the cpu": not so, cpu is where they run
+        quiet.setLevel(logging.ERROR)
+    try:
+        dispatch_model(adapter.model, dict(dm), main_device=main, skip_keys=list(SKIP_KEYS),
+                       force_hooks=force_hooks)
+    finally:
+        quiet.setLevel(level)
+    # accelerate brings mappings (transformers' ModelOutput) back to the main device but leaves
+    # other objects alone; a model returning a plain dataclass (OpenVLAOutput) would hand its
+    # logits over on the last device.
+    adapter.model.register_forward_hook(_output_to(torch.device(main)))
     adapter.device_map = dict(dm)  # type: ignore[attr-defined]
     return dict(dm)
+
+
+def move_output(output: Any, device: torch.device) -> Any:
+    """``output`` with the tensors of a dataclass output (tuples of tensors too) on ``device``;
+    KV-cache fields (``past_key_values``/``cache``) stay where their layers are. Mappings and
+    other objects are returned unchanged (accelerate moves mappings itself)."""
+    if not dataclasses.is_dataclass(output) or isinstance(output, (type, Mapping)):
+        return output
+    changes = {}
+    for f in dataclasses.fields(output):
+        if f.name in SKIP_KEYS:
+            continue
+        v = getattr(output, f.name)
+        if isinstance(v, torch.Tensor) and v.device != device:
+            changes[f.name] = v.to(device)
+        elif isinstance(v, tuple) and v and all(isinstance(t, torch.Tensor) for t in v):
+            changes[f.name] = tuple(t.to(device) for t in v)
+    return dataclasses.replace(output, **changes) if changes else output
+
+
+def _output_to(device: torch.device):
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        return move_output(output, device)
+
+    return hook
 
 
 def layer_devices(adapter: ModelAdapter) -> list[torch.device]:
@@ -151,4 +189,5 @@ def module_device(model: nn.Module, name: str) -> Any:
     return None if p is None else p.device
 
 
-__all__ = ["SKIP_KEYS", "layer_device_map", "layer_devices", "module_device", "place_model", "split_evenly"]
+__all__ = ["SKIP_KEYS", "layer_device_map", "layer_devices", "module_device", "move_output", "place_model",
+           "split_evenly"]

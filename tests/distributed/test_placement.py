@@ -22,6 +22,7 @@ import torch
 from rdt_interp.distributed.placement import (
     layer_device_map,
     layer_devices,
+    move_output,
     place_model,
     split_evenly,
 )
@@ -115,6 +116,23 @@ def test_hooked_vla_decodes_from_a_stored_prefill_exactly_like_the_plain_one():
         outs.append(gen)
     assert torch.equal(outs[0].tokens, outs[1].tokens)
     assert torch.equal(outs[0].logits, outs[1].logits)
+
+
+def test_dataclass_outputs_come_back_to_the_first_device():
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from rdt_interp.models.openvla import OpenVLAOutput
+
+    cache = object()
+    out = OpenVLAOutput(torch.ones(1, 2, 3), cache, (torch.ones(2), torch.zeros(2)), torch.ones(1), None)
+    moved = move_output(out, torch.device("meta"))
+    assert moved.logits.device.type == "meta" and moved.projected_patches.device.type == "meta"
+    assert all(t.device.type == "meta" for t in moved.hidden_states)
+    assert moved.past_key_values is cache and moved.attention_mask is None  # the KV cache stays put
+    assert out.logits.device.type == "cpu"  # a new object: the model's own output is not mutated
+    mapping = CausalLMOutputWithPast(logits=torch.ones(1))  # accelerate moves mappings itself
+    assert move_output(mapping, torch.device("meta")) is mapping
+    assert move_output((torch.ones(1),), torch.device("meta"))[0].device.type == "cpu"
 
 
 def _split_onto_meta(ad, n_cpu_layers: int):
