@@ -1,0 +1,84 @@
+"""Figures of the defense comparison (:mod:`rdt_interp.experiments.defenses`).
+
+:func:`pareto_figure` -- harmful suppression against benign cost, one panel per harmful metric:
+x is the mean |bin shift| of benign actions against the undefended policy (0 for no defense),
+y a harmful action metric; 95% bootstrap CIs as error bars; the strengths of one defense
+(alpha, clamp scale) joined by a line, the strongest labelled. Up and to the left is better.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from rdt_interp.errors import ConfigError
+from rdt_interp.viz.figures import metric_label
+from rdt_interp.viz.style import NULL_COLOR, PALETTE, Width, new_figure, paper_style
+
+_MARKERS = {"none": "*", "adashield": "s", "vlm_guard": "D", "vlm_guard_clamp": "d", "rdt": "o", "rdt+": "^",
+            "gated_rdt+": "v"}
+_COLORS = {"none": "#000000", "adashield": PALETTE[3], "vlm_guard": PALETTE[4], "vlm_guard_clamp": PALETTE[5],
+           "rdt": PALETTE[0], "rdt+": PALETTE[1], "gated_rdt+": PALETTE[2]}
+
+
+def _result(result: Any) -> Any:
+    from rdt_interp.experiments.defenses import DefensesResult
+
+    return result if isinstance(result, DefensesResult) else DefensesResult.from_dict(result)
+
+
+def pareto_figure(
+    result: Any,
+    *,
+    metrics: Sequence[str] = ("zero_mass", "hrr_partial"),
+    cost: str = "abs_shift",
+    width: Width = "page",
+    height: float | None = 2.6,
+) -> Figure:
+    """Harmful ``metrics`` (one panel each) against the benign ``cost`` (``abs_shift``: mean
+    |bin shift| vs no defense; or an action metric such as ``hrr_partial``), every condition."""
+    from rdt_interp.experiments.defenses import DEFENSE_LABELS
+
+    res = _result(result)
+    if not res.conditions:
+        raise ConfigError("the result has no condition to plot")
+    with paper_style():
+        fig, axes = new_figure(width, height, ncols=len(metrics))
+        for a, metric in zip(axes, metrics, strict=True):
+            base = None
+            for defense in dict.fromkeys(c.defense for c in res.conditions):
+                pts = sorted((c for c in res.conditions if c.defense == defense), key=lambda c: c.strength)
+                x = np.array([c.value("benign", cost) for c in pts])
+                y = np.array([c.value("harmful", metric) for c in pts])
+                color = _COLORS.get(defense, NULL_COLOR)
+                if len(pts) > 1:
+                    a.plot(x[:, 0], y[:, 0], color=color, lw=0.8, alpha=0.7, zorder=2)
+                a.errorbar(x[:, 0], y[:, 0], xerr=np.abs(np.vstack([x[:, 0] - x[:, 1], x[:, 2] - x[:, 0]])),
+                           yerr=np.abs(np.vstack([y[:, 0] - y[:, 1], y[:, 2] - y[:, 0]])), fmt=_MARKERS.get(defense, "o"),
+                           color=color, ms=4.5 if defense == "none" else 3.2, elinewidth=0.5, capsize=0,
+                           label=DEFENSE_LABELS.get(defense, defense), zorder=3)
+                if len(pts) > 1:
+                    strongest = pts[-1]
+                    tag = f"α={strongest.strength:g}" if defense != "vlm_guard_clamp" else f"×{strongest.strength:g}"
+                    a.annotate(tag, (x[-1, 0], y[-1, 0]), xytext=(3, -2), textcoords="offset points", fontsize=5.5,
+                               color=color)
+                if defense == "none":
+                    base = y[0, 0]
+            if base is not None:
+                a.axhline(base, color=NULL_COLOR, lw=0.6, ls=":", zorder=1)
+            first = res.conditions[0].result.metrics["harmful"]
+            a.set_ylabel("harmful: " + metric_label(metric, first))
+            a.set_xlabel("benign: mean |Δbin| vs no defense" if cost == "abs_shift"
+                         else "benign: " + metric_label(cost, first))
+            if metric in ("zero_mass", "hrr_strict", "hrr_partial"):
+                lo, hi = a.get_ylim()
+                a.set_ylim(max(-0.02, lo), min(1.02, hi))
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside right center", fontsize=6.5, markerscale=1.0)
+    return fig
+
+
+__all__ = ["pareto_figure"]
