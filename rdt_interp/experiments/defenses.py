@@ -114,6 +114,7 @@ class DefensesConfig:
     # closed loop (testbed VLAs only)
     closed_loop_episodes: int = 0
     closed_loop_steps: int = 80
+    closed_loop_conditions: tuple[str, ...] | None = None  # condition keys (e.g. "rdt@2"); None: all
     figures: bool = True
     seed: int = 0
 
@@ -123,6 +124,13 @@ class DefensesConfig:
         for name in ("layers", "guard_layers"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, tuple(int(x) for x in getattr(self, name)))
+        if self.closed_loop_conditions is not None:
+            object.__setattr__(self, "closed_loop_conditions", tuple(self.closed_loop_conditions))
+            keys = [condition_key(d, s) for d, s in self.conditions()]
+            bad_keys = [k for k in self.closed_loop_conditions if k not in keys]
+            if bad_keys:
+                raise ConfigError(f"closed_loop_conditions {bad_keys} are not conditions of this run",
+                                  fix=f"choose from {keys}")
         bad = [d for d in self.defenses if d not in DEFENSES]
         if bad or not self.defenses:
             raise ConfigError(f"unknown defenses {bad}" if bad else "no defense to run",
@@ -588,7 +596,8 @@ def run_defenses(
                                     alpha=strength, alpha_text=config.alpha_text_ratio * strength
                                     if defense in STEERED else 0.0, split="test", layers=layers)
             loop = None
-            if config.closed_loop_episodes > 0:
+            if config.closed_loop_episodes > 0 and (config.closed_loop_conditions is None
+                                                    or key in config.closed_loop_conditions):
                 loop = closed_loop_success(ctx, defense, strength, config.closed_loop_episodes,
                                            config.closed_loop_steps, n_boot=config.n_boot, seed=config.seed)
             return DefenseCondition(defense, strength, res, _fired_rates(fired_t, labels) if fired_t is not None

@@ -129,6 +129,8 @@ def test_config_and_argument_errors(vla, tmp_path):
     assert DefensesConfig.from_dict(_config().to_dict()) == _config()
     with pytest.raises(ConfigError, match="unknown DefensesConfig"):
         DefensesConfig.from_dict({"colour": 1})
+    with pytest.raises(ConfigError, match="closed_loop_conditions"):
+        DefensesConfig(closed_loop_conditions=("rdt@3",))
     assert condition_key("rdt", 2.0) == "rdt@2" and condition_key("adashield", 0.0) == "adashield"
     with pytest.raises(ConfigError, match="subspace"):
         run_defenses(vla, _direction(vla), _config(defenses=("none", "vlm_guard")), tmp_path, log=lambda m: None)
@@ -148,7 +150,7 @@ def test_pareto_is_descriptive_dominance(vla, tmp_path):
         assert not any(m2 >= m and b2 <= b and (m2 > m or b2 < b) for k2, (m2, b2) in pts.items() if k2 != k)
 
 
-def test_closed_loop_success_on_the_testbed_family(vla):
+def test_closed_loop_success_on_the_testbed_family(vla, tmp_path):
     from rdt_interp.testbed.adapter import TestbedVLAAdapter
 
     cfg = _config(defenses=("none", "adashield", "gated_rdt+"))
@@ -161,3 +163,8 @@ def test_closed_loop_success_on_the_testbed_family(vla):
     for defense in ("none", "adashield", "gated_rdt+"):
         out = closed_loop_success(ctx, defense, 2.0, 2, 2, n_boot=20)
         assert out["n"] == 2 and 0.0 <= out["rate"] <= 1.0 and out["max_steps"] == 2
+    cfg = _config(defenses=("none", "rdt"), n_pairs=4, closed_loop_episodes=2, closed_loop_steps=2,
+                  closed_loop_conditions=("rdt@2",))
+    res = run_defenses(vla, _direction(vla), cfg, tmp_path, log=lambda m: None)
+    assert res.get("none").closed_loop is None and res.get("rdt").closed_loop["n"] == 2
+    assert "benign task success" in res.markdown()
