@@ -199,46 +199,64 @@ def run_job(ctx: DistContext, job: Job, run_dir: str | Path, *, log: Say = print
 
 def run_study_distributed(ctx: DistContext, config: str | Path, run_dir: str | Path, *, log: Say = print,
                           progress: bool = False) -> dict[str, Any] | None:
-    """``rdt-interp run CONFIG`` over the ranks of ``ctx``: the chat side (extraction, selection,
-    steering) on rank 0; the VLA study with every rank holding a copy of the VLA
-    (:func:`~rdt_interp.distributed.vla.run_vla_rdt_distributed`); then rank 0 finishes with
-    :func:`~rdt_interp.experiments.study.run_study`, which finds every step done but the
-    cross-model analysis and the figures. Returns the summary on rank 0."""
+    """``rdt-interp run CONFIG`` over the ranks of ``ctx``, in the same run directory.
+
+    Every rank holds a copy of the chat model and of the VLA. Spread over the ranks: the
+    chat side's direction selection (:func:`~rdt_interp.distributed.selection.sharded_selection`,
+    after rank 0 captured the candidates) and the whole VLA study
+    (:func:`~rdt_interp.distributed.vla.run_vla_rdt_distributed`). Rank 0 runs the rest of the
+    chat side and finishes with :func:`~rdt_interp.experiments.study.run_study`, which finds
+    every step done but the cross-model analysis, the summary and the figures. Returns the
+    summary on rank 0."""
+    from rdt_interp.directions.diff_in_means import extract_candidates
+    from rdt_interp.distributed.selection import sharded_selection
+    from rdt_interp.distributed.vla import run_vla_rdt_distributed
     from rdt_interp.experiments import study
+    from rdt_interp.experiments.chat_refusal import _splits, run_chat_refusal
     from rdt_interp.experiments.config import load_config
+    from rdt_interp.models.loading import load_chat_model
 
     say = log if ctx.is_main else _quiet
     cfg = load_config(config)
-    if cfg.vla_model is None or cfg.vla is None:  # nothing to spread
-        return ctx.on_main(lambda: study.run_study(cfg, run_dir, progress=progress, log=say))
-    from rdt_interp.distributed.vla import run_vla_rdt_distributed
-
-    chat_model = direction = None
+    run = ctx.main_first(lambda: RunDir(run_dir, {"experiment": "study", **cfg.to_dict()}, log=say))
+    on_gpu = ctx.device.type == "cuda"
+    chat_device = ctx.device if on_gpu or cfg.chat_model.device.startswith("cuda") else cfg.chat_model.device
+    say(f"loading chat model {cfg.chat_model.name} on every rank")
+    chat_model = load_chat_model(cfg.chat_model.name, dtype=cfg.chat_model.dtype, device=chat_device,
+                                 system_prompt=cfg.chat_model.system_prompt)
+    ctx.check_same("the chat model weights (digest)", chat_model.digest())
+    # The chat study's own run directory (the config run_chat_refusal gives it).
+    chat_run = ctx.main_first(lambda: RunDir(run.path / "chat", {"experiment": "chat_refusal", **cfg.chat.to_dict()},
+                                             log=say))
+    if not ctx.broadcast(bool(chat_run.done("selection"))):
+        splits = _splits(cfg.chat)
+        cands = ctx.main_first(lambda: extract_candidates(
+            chat_model, splits["harmful_train"], splits["harmless_train"], batch_size=cfg.chat.capture_batch_size,
+            cache=chat_run.file("activations"), progress=False))  # rank 0 captures, the others read the cache
+        sharded_selection(ctx, chat_run, "selection", chat_model, cands, splits["harmful_val"],
+                          splits["harmless_val"], cfg.chat.selection, say=say)
+        del cands
+    direction = None
     if ctx.is_main:
-        from rdt_interp.experiments.chat_refusal import run_chat_refusal
-        from rdt_interp.models.loading import load_chat_model
-
-        run = RunDir(run_dir, {"experiment": "study", **cfg.to_dict()}, log=say)
-        device = ctx.device if cfg.chat_model.device.startswith("cuda") else cfg.chat_model.device
-        say(f"loading chat model {cfg.chat_model.name}")
-        chat_model = load_chat_model(cfg.chat_model.name, dtype=cfg.chat_model.dtype, device=device,
-                                     system_prompt=cfg.chat_model.system_prompt)
         run_chat_refusal(chat_model, cfg.chat, run.path / "chat", progress=progress, log=say)
-        direction = study._direction(cfg, run, chat_model, say)
+        direction = study._direction(cfg, run, chat_model, say) if cfg.vla_model is not None else None
+    else:
+        del chat_model
+        chat_model = None
     direction = ctx.broadcast(direction)
-    vla_device = str(ctx.device) if cfg.vla_model.device.startswith("cuda") or ctx.device.type == "cuda" \
-        else cfg.vla_model.device
-    vla = study.load_vla(dataclasses.replace(cfg.vla_model, device=vla_device))
-    if str(vla.device) != str(torch.device(vla_device)):
-        vla.model.to(vla_device)
-    if vla.d_model != direction.d_model:
-        raise DModelMismatchError(expected=vla.d_model, actual=direction.d_model,
-                                  what=f"the direction of {cfg.chat_model.name}")
-    ctx.check_same("the VLA weights (digest)", vla.digest())
-    run_vla_rdt_distributed(ctx, vla, direction, cfg.vla, Path(run_dir) / "vla", progress=progress, log=say)
-    summary = ctx.on_main(lambda: study.run_study(cfg, run_dir, progress=progress, log=say, chat_model=chat_model,
-                                                  vla=vla))
-    return summary
+    vla = None
+    if cfg.vla_model is not None and cfg.vla is not None:
+        vla_device = str(ctx.device) if on_gpu or cfg.vla_model.device.startswith("cuda") else cfg.vla_model.device
+        vla = study.load_vla(dataclasses.replace(cfg.vla_model, device=vla_device))
+        if vla.device != torch.device(vla_device):
+            vla.model.to(vla_device)
+        if vla.d_model != direction.d_model:
+            raise DModelMismatchError(expected=vla.d_model, actual=direction.d_model,
+                                      what=f"the direction of {cfg.chat_model.name}")
+        ctx.check_same("the VLA weights (digest)", vla.digest())
+        run_vla_rdt_distributed(ctx, vla, direction, cfg.vla, run.path / "vla", progress=progress, log=say)
+    return ctx.on_main(lambda: study.run_study(cfg, run_dir, progress=progress, log=say, chat_model=chat_model,
+                                               vla=vla))
 
 
 def main(argv: list[str] | None = None) -> int:
