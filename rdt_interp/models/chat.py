@@ -110,9 +110,26 @@ class ChatModel(ModelAdapter):
         before, after = text.split(_SENTINEL)
         return before, after
 
+    @cached_property
+    def _verbatim(self) -> tuple[bool, bool]:
+        """Whether the template inserts the user's text unchanged: (always, when it has no
+        surrounding whitespace). Then prompts are built without a per-prompt Jinja render."""
+        before, after = self._template_parts
+
+        def unchanged(probe: str) -> bool:
+            text = self.tokenizer.apply_chat_template(self._messages(probe), tokenize=False,
+                                                      add_generation_prompt=True)
+            return text == before + probe + after
+
+        core = "Probe: <text> & 'quotes', \"double\"\nsecond line {{ x }} {% raw %}!"
+        return unchanged(f"  {core}  "), unchanged(core)
+
     def render(self, instruction: str) -> tuple[str, int, int]:
         """Prompt text and the character span ``[start, end)`` of the instruction in it."""
         before, after = self._template_parts
+        always, stripped = self._verbatim
+        if always or (stripped and instruction == instruction.strip()):
+            return before + instruction + after, len(before), len(before) + len(instruction)
         text = self.tokenizer.apply_chat_template(
             self._messages(instruction), tokenize=False, add_generation_prompt=True
         )

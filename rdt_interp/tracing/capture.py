@@ -131,7 +131,7 @@ def capture(
     lengths = [len(t) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    outputs: dict[int, Tensor] = {}
+    outputs: list[tuple[list[int], Tensor]] = []
     bar = tqdm(total=len(texts), desc=desc, disable=not progress, leave=False)
     for chunk in chunks:
         chunk_texts = [texts[i] for i in chunk]
@@ -149,12 +149,17 @@ def capture(
             values = _capture_batch(adapter, [prompts[i] for i in chunk], layer_list, sel, site,
                                     backend, interventions)
             if path is not None:
+                values = values.cpu()
                 save_tensors(path, {"values": values}, {"texts": chunk_texts})
-        for j, i in enumerate(chunk):
-            outputs[i] = values[j]
+        outputs.append((chunk, values))
         bar.update(len(chunk))
     bar.close()
-    stacked = torch.stack([outputs[i] for i in range(len(texts))])
+    # Values stay on the model's device until every batch has been queued: the host tokenizes
+    # the next batch while the accelerator runs this one, with one transfer at the end.
+    first = outputs[0][1]
+    stacked = torch.empty((len(texts), *first.shape[1:]), dtype=torch.float32)
+    for chunk, values in outputs:
+        stacked[torch.tensor(chunk)] = values.cpu()
     return Activations(stacked, layer_list, site.value, str(sel), texts, adapter.describe())
 
 
@@ -193,7 +198,7 @@ def _capture_batch(
         return capture_with_lens(adapter, batch, layers, sel, site)
     from rdt_interp.tracing.generation import make_runner
 
-    rec = Recorder(layers, site, sel)
+    rec = Recorder(layers, site, sel, device=None)
     with make_runner(backend, adapter, interventions, [rec]) as runner:
         runner.forward(adapter.prefill_kwargs(batch, use_cache=False), StepContext("prefill", batch.roles),
                        need_output=False)

@@ -16,14 +16,15 @@ from rdt_interp.tracing.interventions import Site, StepContext
 @dataclass
 class Recorder:
     """Collects ``site`` values at ``layers``; positions by ``selector`` in prefill, every decode
-    position otherwise. Values are stored as float32 on the CPU (or ``device``).
+    position otherwise. Values are stored as float32 on ``device`` (``None``: where they were
+    computed, so recording adds no device-to-host synchronisation inside the forward pass).
     """
 
     layers: Sequence[int]
     site: Site | str = Site.RESID_PRE
     selector: Selector | str | None = None
     phases: tuple[str, ...] = ("prefill",)
-    device: torch.device | str = "cpu"
+    device: torch.device | str | None = "cpu"
     prefill: dict[int, Tensor] = field(default_factory=dict)
     decode: dict[int, list[Tensor]] = field(default_factory=dict)
 
@@ -50,9 +51,9 @@ class Recorder:
                     self._idx = (idx.to(h.device), w.to(h.device))
                 idx, w = self._idx[0].to(h.device), self._idx[1].to(h.device)  # layers may sit on other devices
                 picked = gather_positions(h, idx, w, self.selector.pool)
-            self.prefill[layer] = picked.detach().to(self.device, torch.float32)
+            self.prefill[layer] = picked.detach().to(self.device or picked.device, torch.float32)
         else:
-            self.decode.setdefault(layer, []).append(h[:, -1:].detach().to(self.device, torch.float32))
+            self.decode.setdefault(layer, []).append(h[:, -1:].detach().to(self.device or h.device, torch.float32))
 
     def reset(self) -> None:
         self.prefill.clear()
@@ -60,7 +61,8 @@ class Recorder:
         self._idx = None
 
     def prefill_tensor(self) -> Float[Tensor, "batch layer pos d"]:
-        return torch.stack([self.prefill[layer] for layer in self.layers], dim=1)
+        first = self.prefill[self.layers[0]].device  # layers may sit on several devices
+        return torch.stack([self.prefill[layer].to(first) for layer in self.layers], dim=1)
 
     def decode_tensor(self) -> Float[Tensor, "batch layer step d"]:
         return torch.stack([torch.cat(self.decode[layer], dim=1) for layer in self.layers], dim=1)

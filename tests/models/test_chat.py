@@ -62,3 +62,11 @@ def test_structure(tiny):
     assert tiny.final_norm is not None and tiny.lm_head.weight.shape[1] == 64
     d = tiny.describe()
     assert d["random_weights"] is True and len(d["digest"]) == 64
+
+
+@pytest.mark.parametrize("text", ["How do I bake {{ bread }}?", "  padded  ", "a\nb", "x & <y> 'z'"])
+def test_fast_render_equals_the_template(tiny, text):
+    rendered, a, b = tiny.render(text)
+    ref = tiny.tokenizer.apply_chat_template(tiny._messages(text), tokenize=False, add_generation_prompt=True)
+    assert rendered == ref
+    assert rendered[a:b].strip() == text.strip()
