@@ -2,7 +2,7 @@
 
 :func:`pareto_figure` -- harmful suppression against benign cost, one panel per harmful metric:
 x is the mean |bin shift| of benign actions against the undefended policy (0 for no defense),
-y a harmful action metric; 95% bootstrap CIs as error bars; the strengths of one defense
+y a harmful action metric (default: the zero-motion rate and the zero-motion mass); 95% bootstrap CIs as error bars; the strengths of one defense
 (alpha, clamp scale) joined by a line, the strongest labelled. Up and to the left is better.
 """
 
@@ -15,13 +15,19 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from rdt_interp.errors import ConfigError
-from rdt_interp.viz.figures import metric_label
+from rdt_interp.viz.figures import metric_label as _action_label
 from rdt_interp.viz.style import NULL_COLOR, PALETTE, Width, new_figure, paper_style
 
 _MARKERS = {"none": "*", "adashield": "s", "vlm_guard": "D", "vlm_guard_clamp": "d", "rdt": "o", "rdt+": "^",
             "gated_rdt+": "v"}
 _COLORS = {"none": "#000000", "adashield": PALETTE[3], "vlm_guard": PALETTE[4], "vlm_guard_clamp": PALETTE[5],
            "rdt": PALETTE[0], "rdt+": PALETTE[1], "gated_rdt+": PALETTE[2]}
+
+
+def metric_label(metric: str, m: Any = None) -> str:
+    if metric == "zero_motion":
+        return "zero-motion rate" + (f" (±{m.window} bins)" if m is not None else "")
+    return _action_label(metric, m)
 
 
 def _result(result: Any) -> Any:
@@ -33,7 +39,7 @@ def _result(result: Any) -> Any:
 def pareto_figure(
     result: Any,
     *,
-    metrics: Sequence[str] = ("zero_mass", "hrr_partial"),
+    metrics: Sequence[str] = ("zero_motion", "zero_mass"),
     cost: str = "abs_shift",
     width: Width = "page",
     height: float | None = 2.6,
@@ -73,7 +79,7 @@ def pareto_figure(
             a.set_ylabel("harmful: " + metric_label(metric, first))
             a.set_xlabel("benign: mean |Δbin| vs no defense" if cost == "abs_shift"
                          else "benign: " + metric_label(cost, first))
-            if metric in ("zero_mass", "hrr_strict", "hrr_partial"):
+            if metric in ("zero_motion", "zero_mass", "hrr_strict", "hrr_partial"):
                 lo, hi = a.get_ylim()
                 a.set_ylim(max(-0.02, lo), min(1.02, hi))
         handles, labels = axes[0].get_legend_handles_labels()

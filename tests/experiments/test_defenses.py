@@ -23,6 +23,7 @@ from rdt_interp.experiments.defenses import (
     condition_key,
     load_defenses,
     run_defenses,
+    zero_motion_rate,
 )
 from rdt_interp.experiments.vla_rdt import ActionSet, load_requests, predict
 from rdt_interp.storage import read_json
@@ -168,3 +169,20 @@ def test_closed_loop_success_on_the_testbed_family(vla, tmp_path):
     res = run_defenses(vla, _direction(vla), cfg, tmp_path, log=lambda m: None)
     assert res.get("none").closed_loop is None and res.get("rdt").closed_loop["n"] == 2
     assert "benign task success" in res.markdown()
+
+
+def test_zero_motion_rate_ignores_the_gripper():
+    from rdt_interp.models.action_tokenizer import ActionTokenizer
+
+    tok = ActionTokenizer(vocab_size=600, n_bins=256)
+    zb = torch.tensor(tok.zero_motion_bins())
+    still = zb.clone()
+    still[6] = 0  # gripper anywhere
+    near = zb.clone()
+    near[2] += 2  # within the window
+    moving = zb.clone()
+    moving[0] += 3  # one motion dimension outside
+    ids = tok.bins_to_ids(torch.stack([still, near, moving, moving]))
+    v, lo, hi = zero_motion_rate(tok, ids, window=2, n_boot=200)
+    assert v == 0.5 and lo <= v <= hi
+    assert zero_motion_rate(tok, ids, window=3, n_boot=10)[0] == 1.0

@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from rdt_interp.errors import ConfigError
-from rdt_interp.experiments.defenses import DefenseCondition, DefensesConfig, DefensesResult
+from rdt_interp.experiments.defenses import (
+    DefenseCondition,
+    DefensesConfig,
+    DefensesResult,
+    zero_motion_rate,
+)
 from rdt_interp.experiments.vla_rdt import ActionSet, condition_metrics
 from rdt_interp.models.action_tokenizer import ActionTokenizer
 from rdt_interp.storage import to_json
@@ -46,7 +51,9 @@ def result() -> DefensesResult:
         res = condition_metrics(TOK, acts, base, LABELS, CFG.metrics_config(), mode=defense, alpha=strength,
                                 alpha_text=strength, split="test", layers=(3,))
         fired = {"harmful": 1.0, "benign": 0.0} if defense == "gated_rdt+" else {}
-        conds.append(DefenseCondition(defense, strength, res, fired, None, 1.0))
+        still = {lab: zero_motion_rate(TOK, acts.ids[[i for i, x in enumerate(LABELS) if x == lab]], n_boot=100)
+                 for lab in ("harmful", "benign")}
+        conds.append(DefenseCondition(defense, strength, res, still, fired, None, 1.0))
     return DefensesResult(CFG, {"name": "toy"}, {"digest": "x"}, (3,), tuple(conds),
                           n_requests={"test/harmful": 20, "test/benign": 20})
 
@@ -60,10 +67,10 @@ def test_pareto_figure_places_every_condition(result, tmp_path):
     # the line through RDT's two strengths sits at their (benign |Δbin|, harmful zero mass)
     rdt = [c for c in result.conditions if c.defense == "rdt"]
     xs = [c.value("benign", "abs_shift")[0] for c in rdt]
-    ys = [c.value("harmful", "zero_mass")[0] for c in rdt]
+    ys = [c.value("harmful", "zero_motion")[0] for c in rdt]
     found = [ln for ln in zm.get_lines() if np.allclose(ln.get_xdata(), xs) and np.allclose(ln.get_ydata(), ys)]
     assert found
-    assert "benign: mean |Δbin|" in zm.get_xlabel() and zm.get_ylabel().startswith("harmful: zero-motion")
+    assert "benign: mean |Δbin|" in zm.get_xlabel() and zm.get_ylabel().startswith("harmful: zero-motion rate")
     other = pareto_figure(result, metrics=("hrr_strict",), cost="hrr_partial", width="column")
     assert len(other.axes) == 1 and other.axes[0].get_xlabel().startswith("benign: HRR partial")
     paths = save_figure(f, tmp_path / "pareto")
@@ -75,6 +82,8 @@ def test_pareto_figure_places_every_condition(result, tmp_path):
 def test_planted_effects_show_in_pareto_and_table(result):
     g4, r4 = result.get("gated_rdt+", 4.0), result.get("rdt", 4.0)
     assert g4.value("harmful", "zero_mass")[0] == pytest.approx(r4.value("harmful", "zero_mass")[0])
+    none = result.get("none").value("harmful", "zero_motion")[0]
+    assert g4.value("harmful", "zero_motion")[0] == r4.value("harmful", "zero_motion")[0] > none
     assert g4.value("benign", "abs_shift")[0] == 0.0 < r4.value("benign", "abs_shift")[0]
     front = result.pareto()
     assert "gated_rdt+@4" in front and "rdt@4" not in front and "adashield" not in front
