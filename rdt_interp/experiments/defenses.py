@@ -22,8 +22,9 @@ Defenses (``DefensesConfig.defenses``):
 :func:`run_defenses` runs it all in a resumable run directory
 (:class:`~rdt_interp.experiments.rundir.RunDir`; predictions cached per condition) and writes
 ``table.md``, ``table.json`` and ``figures/pareto.{pdf,png}``. With ``closed_loop_episodes > 0``
-and a testbed VLA, each condition also drives held-out benign testbed episodes in the simulator
-(task success with a bootstrap CI).
+and a testbed VLA, each condition (or those in ``closed_loop_conditions``) also drives held-out
+benign testbed episodes in the simulator (task success with a bootstrap CI); these settings can
+be added to a finished run directory, which then runs only the closed-loop steps.
 """
 
 from __future__ import annotations
@@ -191,6 +192,9 @@ class DefensesConfig:
             else:
                 out.append((d, 0.0))
         return out
+
+
+_ADD_LATER = ("closed_loop_episodes", "closed_loop_steps", "closed_loop_conditions", "figures")
 
 
 def condition_key(defense: str, strength: float) -> str:
@@ -547,8 +551,11 @@ def run_defenses(
         raise ConfigError("gate_probe='chat' needs chat_probe=", fix="rdt_interp.defenses.chat_harm_probe(chat, ...)")
     dir_info = {"digest": digest_tensor(d.vector)[:16], "norm": d.norm, "rank": d.rank,
                 "provenance": d.provenance.to_dict()}
+    # Closed-loop settings and figures change no other step: a run can gain closed-loop
+    # conditions later without recomputing the rest.
+    identity = {k: v for k, v in config.to_dict().items() if k not in _ADD_LATER}
     run = RunDir(run_dir, {
-        "experiment": "defenses", "config": config.to_dict(), "model": adapter.describe(),
+        "experiment": "defenses", "config": identity, "model": adapter.describe(),
         "direction": {k: dir_info[k] for k in ("digest", "norm", "rank")},
         "subspace": subspace.info() if subspace is not None else None,
         "chat_probe": digest_tensor(chat_probe.weight)[:16] if chat_probe is not None else None}, log=log)
@@ -635,16 +642,19 @@ def run_defenses(
                                            window=config.window, unnorm_key=config.unnorm_key,
                                            n_boot=config.n_boot, seed=config.seed + k)
                      for k, lab in enumerate(LABELS) if lab in labels}
-            loop = None
-            if config.closed_loop_episodes > 0 and (config.closed_loop_conditions is None
-                                                    or key in config.closed_loop_conditions):
-                loop = closed_loop_success(ctx, defense, strength, config.closed_loop_episodes,
-                                           config.closed_loop_steps, n_boot=config.n_boot, seed=config.seed)
             return DefenseCondition(defense, strength, res, still,
-                                    _fired_rates(fired_t, labels) if fired_t is not None else {}, loop,
+                                    _fired_rates(fired_t, labels) if fired_t is not None else {}, None,
                                     seconds).to_dict()
 
-        conds.append(DefenseCondition.from_dict(timed(f"condition-{key}", do)))
+        cond = DefenseCondition.from_dict(timed(f"condition-{key}", do))
+        if config.closed_loop_episodes > 0 and (config.closed_loop_conditions is None
+                                                or key in config.closed_loop_conditions):
+            loop = timed(f"closed_loop-{key}-{config.closed_loop_episodes}x{config.closed_loop_steps}",
+                         lambda defense=defense, strength=strength: closed_loop_success(
+                             ctx, defense, strength, config.closed_loop_episodes, config.closed_loop_steps,
+                             n_boot=config.n_boot, seed=config.seed))
+            cond = dataclasses.replace(cond, closed_loop=loop)
+        conds.append(cond)
         bar.update(1)
     bar.close()
     counts = {f"{s}/{lab}": sum(r.split == s and r.label == lab for r in requests)

@@ -164,9 +164,13 @@ def test_closed_loop_success_on_the_testbed_family(vla, tmp_path):
     for defense in ("none", "adashield", "gated_rdt+"):
         out = closed_loop_success(ctx, defense, 2.0, 2, 2, n_boot=20)
         assert out["n"] == 2 and 0.0 <= out["rate"] <= 1.0 and out["max_steps"] == 2
-    cfg = _config(defenses=("none", "rdt"), n_pairs=4, closed_loop_episodes=2, closed_loop_steps=2,
-                  closed_loop_conditions=("rdt@2",))
-    res = run_defenses(vla, _direction(vla), cfg, tmp_path, log=lambda m: None)
+    cfg = _config(defenses=("none", "rdt"), n_pairs=4)
+    first = run_defenses(vla, _direction(vla), cfg, tmp_path, log=lambda m: None)
+    assert "benign task success" not in first.markdown()
+    later = dataclasses.replace(cfg, closed_loop_episodes=2, closed_loop_steps=2, closed_loop_conditions=("rdt@2",))
+    logs: list[str] = []
+    res = run_defenses(vla, _direction(vla), later, tmp_path, log=logs.append)
+    assert [m for m in logs if m.startswith("[run]")] == ["[run]    closed_loop-rdt@2-2x2"]  # the rest is reused
     assert res.get("none").closed_loop is None and res.get("rdt").closed_loop["n"] == 2
     assert "benign task success" in res.markdown()
 
