@@ -111,12 +111,15 @@ class HarmGate:
                    str(d.get("role", "last_text")), str(d.get("site", "resid_pre")), dict(d.get("meta", {})))
 
 
-def _residuals(adapter: VLAAdapter, requests: Sequence[Any], layer: int, role: str, site: str,
-               batch_size: int, backend: Backend) -> Float[Tensor, "n d"]:
+def _residuals(adapter: VLAAdapter, requests: Sequence[Any], layers: int | Sequence[int], role: str, site: str,
+               batch_size: int, backend: Backend) -> Tensor:
+    """Residuals at ``role``: ``[n, d]`` for one layer, ``[n, L, d]`` for a list of layers."""
     reqs = [getattr(r, "request", r) for r in requests]
-    caps = capture_roles(adapter, reqs, roles=[role], layers=[layer], site=site, batch_size=batch_size,
-                         backend=backend)
-    return caps.at(role).values[:, 0, 0]
+    one = isinstance(layers, int)
+    caps = capture_roles(adapter, reqs, roles=[role], layers=[layers] if one else list(layers), site=site,
+                         batch_size=batch_size, backend=backend)
+    x = caps.at(role).values[:, :, 0]
+    return x[:, 0] if one else x
 
 
 # -- thresholds ------------------------------------------------------------------------------------
@@ -185,7 +188,7 @@ def fit_gate(
     requests: Sequence[Any],
     harmful: Sequence[bool] | Bool[Tensor, "n"] | None = None,
     *,
-    layer: int,
+    layer: int | Sequence[int],
     role: str = "last_text",
     target_fpr: float = 0.05,
     probe: LinearProbe | None = None,
@@ -202,8 +205,10 @@ def fit_gate(
     logistic probe (``C``) on the VLA's residual at ``role`` / ``layer``; the threshold is set
     on out-of-fold scores (``folds`` folds grouped by ``groups``, default each request's
     ``pair_id``), then the probe is refitted on every row. With ``probe``: its scores on
-    ``requests`` set the threshold. ``meta`` records the probe source, the target FPR and the
-    FPR / TPR / AUC reached on ``requests``.
+    ``requests`` set the threshold. Several ``layer`` candidates: the one whose (out-of-fold, or
+    given-probe) scores have the highest AUC on ``requests`` is used (one capture serves all).
+    ``meta`` records the probe source, the per-layer AUCs, the target FPR and the FPR / TPR /
+    AUC reached on ``requests``.
     """
     if harmful is None:
         labels = [getattr(r, "label", None) for r in requests]
@@ -215,32 +220,46 @@ def fit_gate(
     if y.shape[0] != len(requests) or bool(y.all()) or not bool(y.any()):
         raise ConfigError(f"fit_gate needs harmful and benign requests with one label each "
                           f"({len(requests)} requests, {y.shape[0]} labels)")
-    x = _residuals(adapter, requests, layer, role, "resid_pre", batch_size, backend)
-    if probe is not None:
-        if probe.d_model != adapter.d_model:
-            raise DModelMismatchError(expected=adapter.d_model, actual=probe.d_model, what="gate probe")
-        scores = probe.decision_function(x).float()
-        source = {"probe_source": "given", "probe_meta": dict(probe.meta), "threshold_scores": "given probe"}
-    else:
+    layers = [int(layer)] if isinstance(layer, int) else [int(x) for x in layer]
+    if not layers or len(set(layers)) != len(layers):
+        raise ConfigError(f"gate layers {layers} must be distinct and at least one")
+    if probe is not None and probe.d_model != adapter.d_model:
+        raise DModelMismatchError(expected=adapter.d_model, actual=probe.d_model, what="gate probe")
+    xs = _residuals(adapter, requests, layers, role, "resid_pre", batch_size, backend)  # [n, L, d]
+    if probe is None:
         grp = list(groups) if groups is not None else [str(getattr(r, "pair_id", i)) for i, r in enumerate(requests)]
         fold = torch.tensor(grouped_folds(grp, folds, seed))
-        scores = torch.empty(len(requests), dtype=torch.float32)
         for f in range(folds):
-            te = fold == f
-            tr = ~te
+            tr = fold != f
             if bool(y[tr].all()) or not bool(y[tr].any()):
                 raise ConfigError(f"fold {f} leaves one class out of the training rows", fix="lower folds")
-            p = LinearProbe.fit(x[tr], y[tr], C=C)
-            scores[te] = p.decision_function(x[te]).float()
-        probe = LinearProbe.fit(x, y, C=C, layer=layer, position=role,
+
+    def layer_scores(x: Tensor) -> Tensor:
+        if probe is not None:
+            return probe.decision_function(x).float()
+        out = torch.empty(len(requests), dtype=torch.float32)
+        for f in range(folds):
+            te = fold == f
+            out[te] = LinearProbe.fit(x[~te], y[~te], C=C).decision_function(x[te]).float()
+        return out
+
+    per_layer = [layer_scores(xs[:, j]) for j in range(len(layers))]
+    aucs = [float(auc_groups(s.double()[y], s.double()[~y])) for s in per_layer]
+    best = max(range(len(layers)), key=lambda j: (aucs[j], -j))
+    chosen, scores = layers[best], per_layer[best]
+    if probe is None:
+        probe = LinearProbe.fit(xs[:, best], y, C=C, layer=chosen, position=role,
                                 meta={"model": adapter.describe(), "n": len(requests)})
         source = {"probe_source": "vla", "threshold_scores": f"out-of-fold ({folds} folds, pairs kept together)",
                   "C": float(C)}
+    else:
+        source = {"probe_source": "given", "probe_meta": dict(probe.meta), "threshold_scores": "given probe"}
     threshold = threshold_for_fpr(scores[~y], target_fpr)
     rates = gate_rates(scores, y, threshold, n_boot=200, seed=seed)
     meta = {**source, "target_fpr": float(target_fpr), "fit_fpr": rates.fpr, "fit_tpr": rates.tpr,
-            "fit_auc": rates.auc, "n_harmful": rates.n_harmful, "n_benign": rates.n_benign}
-    return HarmGate(probe, int(layer), threshold, role, "resid_pre", meta)
+            "fit_auc": rates.auc, "n_harmful": rates.n_harmful, "n_benign": rates.n_benign,
+            "layer_auc": {str(a): round(b, 6) for a, b in zip(layers, aucs, strict=True)}}
+    return HarmGate(probe, chosen, threshold, role, "resid_pre", meta)
 
 
 def chat_harm_probe(

@@ -94,7 +94,7 @@ class DefensesConfig:
     guard_scales: tuple[float, ...] = (1.0,)  # clamp targets: scale x harmful-class mean
     # the gate of gated RDT+
     gate_probe: str = "vla"  # "vla": fitted on the VLA's val activations; "chat": the chat probe passed in
-    gate_layer: int | None = None  # None: the first steering layer
+    gate_layers: tuple[int, ...] | None = None  # candidates, best val AUC wins; None: the first steering layer
     gate_role: str = "last_text"
     gate_target_fpr: float = 0.05
     gate_C: float = 1.0
@@ -123,7 +123,7 @@ class DefensesConfig:
     def __post_init__(self) -> None:
         for name in ("defenses", "alphas", "guard_scales"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        for name in ("layers", "guard_layers"):
+        for name in ("layers", "guard_layers", "gate_layers"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, tuple(int(x) for x in getattr(self, name)))
         if self.closed_loop_conditions is not None:
@@ -587,10 +587,12 @@ def run_defenses(
     alternatives: dict[str, Any] = {}
     test_scores: Tensor | None = None
     if "gated_rdt+" in config.defenses:
-        gate_layer = layers[0] if config.gate_layer is None else config.gate_layer
+        gate_layers = [layers[0]] if config.gate_layers is None else list(config.gate_layers)
 
         def fit(probe: LinearProbe | None) -> dict[str, Any]:
-            return fit_gate(adapter, val, layer=gate_layer, role=config.gate_role,
+            # a probe from elsewhere reads the layer it was fitted at, if the VLA has it
+            at = [probe.layer] if probe is not None and probe.layer is not None else gate_layers
+            return fit_gate(adapter, val, layer=at, role=config.gate_role,
                             target_fpr=config.gate_target_fpr, probe=probe, C=config.gate_C,
                             folds=config.gate_folds, batch_size=config.batch_size, backend=config.backend,  # type: ignore[arg-type]
                             seed=config.seed).to_dict()

@@ -142,6 +142,15 @@ def test_fit_gate_on_val_pairs(vla):
     assert given.meta["probe_source"] == "given" and given.meta["fit_fpr"] == 0.0
     benign_scores = given.scores(vla, [r for r in val if r.label == "benign"])
     assert float(benign_scores.max()) == pytest.approx(given.threshold, abs=1e-4)
+    several = fit_gate(vla, val, layer=[0, 1, 2], target_fpr=0.2, folds=3)
+    aucs = several.meta["layer_auc"]
+    assert set(aucs) == {"0", "1", "2"} and several.layer == several.probe.layer
+    assert aucs[str(several.layer)] == max(aucs.values()) == pytest.approx(several.meta["fit_auc"])
+    alone = fit_gate(vla, val, layer=several.layer, target_fpr=0.2, folds=3)
+    assert alone.threshold == pytest.approx(several.threshold, abs=1e-4)
+    assert torch.allclose(alone.probe.weight, several.probe.weight, atol=1e-4)
+    with pytest.raises(ConfigError, match="distinct"):
+        fit_gate(vla, val, layer=[1, 1])
     with pytest.raises(ConfigError, match="label"):
         fit_gate(vla, [r.request for r in val], layer=1)
     with pytest.raises(ConfigError, match="harmful and benign"):

@@ -107,10 +107,12 @@ def test_runs_resume_and_refuse_other_configs(vla, tmp_path):
 
 def test_chat_probe_gate_and_alternative(vla, tmp_path):
     probe = LinearProbe(torch.randn(vla.d_model, generator=torch.Generator().manual_seed(1)), 0.0)
-    cfg = _config(defenses=("none", "gated_rdt+"), n_pairs=4)
+    cfg = _config(defenses=("none", "gated_rdt+"), n_pairs=4, gate_layers=(0, 2))
     res = run_defenses(vla, _direction(vla), cfg, tmp_path / "a", chat_probe=probe, log=lambda m: None)
+    assert res.gate["layer"] in (0, 2) and set(res.gate["meta"]["layer_auc"]) == {"0", "2"}
     alt = res.gate_alternatives["chat"]
     assert alt["gate"]["meta"]["probe_source"] == "given" and 0 <= alt["test"]["auc"] <= 1
+    assert alt["gate"]["layer"] in (0, 2)  # a probe without a layer reads the candidate layers
     chat = run_defenses(vla, _direction(vla), dataclasses.replace(cfg, gate_probe="chat"), tmp_path / "b",
                         chat_probe=probe, log=lambda m: None)
     assert chat.gate["meta"]["probe_source"] == "given" and not chat.gate_alternatives
