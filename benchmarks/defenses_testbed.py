@@ -88,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
                     "Qwen2.5-Coder-0.5B-Instruct)")
     ap.add_argument("--k", type=int, default=4, help="rank of the VLM-Guard safety subspace")
     ap.add_argument("--n-chat", type=int, default=128, help="harmful and harmless chat instructions each")
-    ap.add_argument("--alphas", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    ap.add_argument("--alphas", type=float, nargs="+", default=[1.0, 4.0, 16.0],
+                    help="RDT / RDT+ / gated RDT+ strengths (the direction's norm is ~12 at layer 19, the VLA's "
+                    "residual norms there ~45-70)")
+    ap.add_argument("--gate-layers", type=int, nargs="+", default=None,
+                    help="candidate gate layers, best val AUC wins (default: 4 8 12 16 19 22; --tiny: 0 1 2)")
     ap.add_argument("--guard-scales", type=float, nargs="+", default=[1.0])
     ap.add_argument("--defenses", nargs="+", default=list(DefensesConfig.defenses), choices=DEFENSES)
     ap.add_argument("--n-pairs", type=int, default=None, help="robot-instruction pairs (default: all 147)")
@@ -125,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     del chat
     cfg = DefensesConfig(
         defenses=tuple(args.defenses), alphas=tuple(args.alphas), guard_scales=tuple(args.guard_scales),
-        layers=(layer,), gate_target_fpr=args.target_fpr, n_pairs=(6 if args.tiny else args.n_pairs),
+        layers=(layer,), gate_target_fpr=args.target_fpr,
+        gate_layers=tuple(args.gate_layers or ((0, 1, 2) if args.tiny else (4, 8, 12, 16, 19, 22))), n_pairs=(6 if args.tiny else args.n_pairs),
         images="scenes", batch_size=args.batch_size, unnorm_key=UNNORM_KEY, n_boot=args.n_boot,
         closed_loop_episodes=args.closed_loop_episodes, closed_loop_steps=args.closed_loop_steps,
         closed_loop_conditions=tuple(args.closed_loop_conditions) if args.closed_loop_conditions else None,
