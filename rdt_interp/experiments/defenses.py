@@ -458,7 +458,11 @@ class DefensesResult:
                      f"benign |Δbin|; descriptive, nothing was chosen on test).")
         if self.gate_test is not None:
             g = self.gate_test
-            lines.append(f"Gate on test: AUC {g.auc:.3f}, TPR {g.tpr:.2f} [{g.tpr_lo:.2f}, {g.tpr_hi:.2f}], "
+            where = ""
+            if self.gate is not None:
+                src = self.gate.get("meta", {}).get("probe_source", "?")
+                where = f" ({src} probe at layer {self.gate['layer']}, {self.gate['role']})"
+            lines.append(f"Gate{where} on test: AUC {g.auc:.3f}, TPR {g.tpr:.2f} [{g.tpr_lo:.2f}, {g.tpr_hi:.2f}], "
                          f"FPR {g.fpr:.2f} [{g.fpr_lo:.2f}, {g.fpr_hi:.2f}] (threshold set on val for FPR "
                          f"{self.config.gate_target_fpr:g}).")
         return "\n".join(lines) + "\n"

@@ -86,7 +86,7 @@ def test_every_defense_runs_and_results_agree(vla, tmp_path):
     assert res.gate["meta"]["probe_source"] == "vla"
     # outputs
     md = (tmp_path / "run" / "table.md").read_text()
-    assert all(c.label in md for c in res.conditions) and "Gate on test" in md
+    assert all(c.label in md for c in res.conditions) and "Gate (vla probe at layer 1, last_text) on test" in md
     assert len(read_json(tmp_path / "run" / "table.json")) == len(res.conditions)
     assert (tmp_path / "run" / "figures" / "pareto.png").stat().st_size > 10_000
     back = load_defenses(tmp_path / "run")
