@@ -40,22 +40,41 @@ class EncodedBatch:
     position_ids: Int[Tensor, "batch seq"]
     texts: list[str] = field(default_factory=list)
     padding_side: PaddingSide = "left"
+    #: the roles on the host: role masks and selectors are resolved there, so deciding which
+    #: positions to read or edit never waits for the accelerator
+    host_roles: Int[Tensor, "batch seq"] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return int(self.roles.shape[0])
+
+    @property
+    def roles_for_context(self) -> Int[Tensor, "batch seq"]:
+        return self.host_roles if self.host_roles is not None else self.roles
 
     @property
     def seq_len(self) -> int:
         return int(self.roles.shape[1])
 
     def to(self, device: torch.device | str) -> EncodedBatch:
+        host = self.host_roles if self.host_roles is not None else (
+            self.roles if self.roles.device.type == "cpu" else None)
         return replace(
             self,
-            inputs={k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.inputs.items()},
-            roles=self.roles.to(device),
-            attention_mask=self.attention_mask.to(device),
-            position_ids=self.position_ids.to(device),
+            inputs={k: to_device(v, device) if isinstance(v, Tensor) else v for k, v in self.inputs.items()},
+            roles=to_device(self.roles, device),
+            attention_mask=to_device(self.attention_mask, device),
+            position_ids=to_device(self.position_ids, device),
+            host_roles=host,
         )
+
+
+def to_device(t: Tensor, device: torch.device | str) -> Tensor:
+    """Copy to ``device``; host-to-GPU copies go through pinned memory and do not block the host
+    (a pageable copy would wait for every kernel queued before it)."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def position_ids_from_mask(mask: Int[Tensor, "batch seq"]) -> Int[Tensor, "batch seq"]:

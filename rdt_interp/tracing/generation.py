@@ -76,7 +76,7 @@ def generate(
     device = batch.roles.device
     with make_runner(backend, adapter, interventions, recorders) as runner:
         out = runner.forward(adapter.prefill_kwargs(batch, use_cache=True),
-                             StepContext("prefill", batch.roles))
+                             StepContext("prefill", batch.roles_for_context))
         logits = adapter.logits_of(out)[:, -1].float()
         cache = adapter.cache_of(out)
         mask = batch.attention_mask
@@ -84,7 +84,7 @@ def generate(
         done = torch.zeros(n, dtype=torch.bool, device=device)
         tokens: list[Tensor] = []
         kept: list[Tensor] = []
-        step_roles = torch.full((n, 1), int(adapter.generated_role), dtype=torch.long, device=device)
+        step_roles = torch.full((n, 1), int(adapter.generated_role), dtype=torch.long)  # host side
         for step in range(max_new_tokens):
             if return_logits:
                 kept.append(logits.cpu())
@@ -93,7 +93,7 @@ def generate(
                 nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
                 done |= nxt == eos
             tokens.append(nxt)
-            if step == max_new_tokens - 1 or bool(done.all()):
+            if step == max_new_tokens - 1 or (eos is not None and bool(done.all())):
                 break
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
             pos = pos + 1

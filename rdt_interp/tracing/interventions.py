@@ -23,6 +23,7 @@ from torch import Tensor
 
 from rdt_interp.directions.direction import Direction
 from rdt_interp.errors import ConfigError, DModelMismatchError
+from rdt_interp.models.adapter import to_device
 from rdt_interp.roles import ANY_REAL, Role, role_mask
 
 Phase = Literal["prefill", "decode", "both"]
@@ -50,7 +51,11 @@ SITE_ORDER = {s: i for i, s in enumerate(Site)}
 
 @dataclass(frozen=True)
 class StepContext:
-    """What the current forward pass is: prefill or a decode step, and the role of each position."""
+    """What the current forward pass is: prefill or a decode step, and the role of each position.
+
+    Pass the roles on the host (``EncodedBatch.roles_for_context``): edits and recorders resolve
+    their positions there and never make the host wait for the accelerator.
+    """
 
     phase: Literal["prefill", "decode"]
     roles: Int[Tensor, "batch seq"]
@@ -101,10 +106,10 @@ class AddDirection:
     def apply(self, h: Tensor, ctx: StepContext) -> Tensor:
         if not _phase_ok(self.phase, ctx):
             return h
-        mask = role_mask(ctx.roles, self.roles)
+        mask = role_mask(ctx.roles, self.roles)  # on the host when the caller passed host roles
         if not bool(mask.any()):
             return h
-        mask = mask.to(h.device)  # layers may sit on other devices than the batch
+        mask = to_device(mask, h.device)  # layers may sit on other devices than the batch
         vec = self.direction.to(device=h.device, dtype=h.dtype)
         alpha = self.alpha
         if isinstance(alpha, Tensor):

@@ -9,6 +9,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from rdt_interp.models.adapter import to_device
 from rdt_interp.roles import Selector, gather_positions
 from rdt_interp.tracing.interventions import Site, StepContext
 
@@ -33,7 +34,7 @@ class Recorder:
         self.site = Site.parse(self.site)
         if self.selector is not None:
             self.selector = Selector.parse(self.selector)
-        self._idx: tuple[Tensor, Tensor] | None = None
+        self._idx: tuple[object, Tensor, Tensor] | None = None
 
     def sites(self) -> list[tuple[int, Site]]:
         return [(layer, self.site) for layer in self.layers]
@@ -46,10 +47,13 @@ class Recorder:
             if self.selector is None:
                 picked = h
             else:
-                if self._idx is None or self._idx[0].shape[0] != h.shape[0]:
+                # Resolved once per forward pass (on the host roles) and per device: layers may
+                # sit on several devices.
+                key = (id(ctx.roles), h.device)
+                if self._idx is None or self._idx[0] != key:
                     idx, w = self.selector.resolve(ctx.roles)
-                    self._idx = (idx.to(h.device), w.to(h.device))
-                idx, w = self._idx[0].to(h.device), self._idx[1].to(h.device)  # layers may sit on other devices
+                    self._idx = (key, to_device(idx, h.device), to_device(w, h.device))
+                _, idx, w = self._idx
                 picked = gather_positions(h, idx, w, self.selector.pool)
             self.prefill[layer] = picked.detach().to(self.device or picked.device, torch.float32)
         else:

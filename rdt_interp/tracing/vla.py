@@ -41,7 +41,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from rdt_interp.errors import ConfigError, DModelMismatchError, UnknownNameError
-from rdt_interp.models.adapter import EncodedBatch
+from rdt_interp.models.adapter import EncodedBatch, to_device
 from rdt_interp.models.vla import VLAAdapter
 from rdt_interp.roles import ANY_REAL, Role, Selector, role_mask
 from rdt_interp.tracing.capture import Activations
@@ -162,7 +162,8 @@ class RoleRecorder(Recorder):
     def record(self, h: Float[Tensor, "batch seq d"], layer: int, ctx: StepContext) -> None:
         if ctx.phase == "prefill":
             if self._weights is None or self._weights[0] is not ctx.roles:
-                self._weights = (ctx.roles, _prefill_weights(self.prefill_specs, ctx.roles.to(h.device)))
+                # weights from the host roles, copied without blocking the host
+                self._weights = (ctx.roles, to_device(_prefill_weights(self.prefill_specs, ctx.roles), h.device))
             pooled = torch.einsum("rbs,bsd->rbd", self._weights[1].to(h.device), h.float())
             for spec, v in zip(self.prefill_specs, pooled, strict=True):
                 self.values[spec.name][layer] = v.detach().to(self.device)
@@ -315,7 +316,7 @@ def capture_roles(
             if top is None and not interventions:
                 with make_runner(backend, adapter, (), [rec]) as runner:
                     runner.forward(adapter.prefill_kwargs(batch, use_cache=False),
-                                   StepContext("prefill", batch.roles), need_output=False)
+                                   StepContext("prefill", batch.roles_for_context), need_output=False)
                 tokens = torch.empty((len(chunk), 0), dtype=torch.long)
             else:
                 from rdt_interp.tracing.generation import generate
@@ -372,7 +373,7 @@ class AddRowDirections(AddDirection):
         mask = role_mask(ctx.roles, self.roles)
         if not bool(mask.any()):
             return h
-        mask = mask.to(h.device)  # layers may sit on other devices than the batch
+        mask = to_device(mask, h.device)  # layers may sit on other devices than the batch
         vec = self.direction.to(device=h.device, dtype=h.dtype)
         alpha = self.alpha
         if isinstance(alpha, Tensor):
@@ -461,7 +462,7 @@ def run_prefill(
         raise ConfigError("a prefill for decoding needs a left-padded batch",
                           fix="encode with padding_side='left' (the default)")
     with make_runner(backend, adapter, interventions, recorders) as runner:
-        out = runner.forward(adapter.prefill_kwargs(batch, use_cache=True), StepContext("prefill", batch.roles))
+        out = runner.forward(adapter.prefill_kwargs(batch, use_cache=True), StepContext("prefill", batch.roles_for_context))
     return PrefillState(batch, adapter.cache_of(out), adapter.logits_of(out)[:, -1].float())
 
 
@@ -528,7 +529,7 @@ def decode_from(
     cache = select_cache_rows(state.cache, dev_idx) if max_new_tokens > 1 else None
     n = int(idx.numel())
     cols = None if logit_columns is None else logit_columns.to(device)
-    step_roles = torch.full((n, 1), int(adapter.generated_role), dtype=torch.long, device=device)
+    step_roles = torch.full((n, 1), int(adapter.generated_role), dtype=torch.long)  # host side
     tokens: list[Tensor] = []
     kept: list[Tensor] = []
     with make_runner(backend, adapter, interventions, recorders) as runner:
