@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Single-GPU benchmark suite, as run on the lent H100/H200 (see docs/benchmarks.md).
-#   bash benchmarks/gpu_suite.sh OUT_DIR [part]   part: a (capture, openvla, rdt) | b (fast path, capture, agreement) | all
+#   bash benchmarks/gpu_suite.sh OUT_DIR [part]   part: a (capture, openvla, rdt) | b (fast path, capture, agreement) | c (capture, rdt) | all
 # Each benchmark runs even if an earlier one failed; logs and JSON land in OUT_DIR.
 set -u
 out=${1:?usage: gpu_suite.sh OUT_DIR [a|b|all]}
@@ -29,5 +29,9 @@ if [ "$part" = b ] || [ "$part" = all ]; then
   run fast_path python3 benchmarks/bench_fast_path.py --device cuda --out "$out/fast_path.json"
   run capture2 python3 benchmarks/bench_capture.py --model llama-2-7b-random --device cuda --n 512 --batch-size 64 --repeats 3 --out "$out/capture2.json"
   run agreement python3 benchmarks/check_backend_agreement.py --device cuda --out "$out/agreement.json"
+fi
+if [ "$part" = c ]; then
+  run capture3 python3 benchmarks/bench_capture.py --model llama-2-7b-random --device cuda --n 512 --batch-size 64 --repeats 5 --out "$out/capture3.json"
+  run rdt_overhead2 python3 benchmarks/bench_rdt_overhead.py --device cuda --out "$out/rdt_overhead2.json" --budget-s 200
 fi
 tail -n 30 "$out"/*.log | grep -v -i warn | tail -n 120

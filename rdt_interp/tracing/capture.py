@@ -132,6 +132,7 @@ def capture(
     order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     outputs: list[tuple[list[int], Tensor]] = []
+    pending: set[torch.device] = set()
     bar = tqdm(total=len(texts), desc=desc, disable=not progress, leave=False)
     for chunk in chunks:
         chunk_texts = [texts[i] for i in chunk]
@@ -151,11 +152,17 @@ def capture(
             if path is not None:
                 values = values.cpu()
                 save_tensors(path, {"values": values}, {"texts": chunk_texts})
+            elif values.is_cuda:
+                # Queued copy into pinned host memory: it overlaps the next batch's compute.
+                pending.add(values.device)
+                values = values.to("cpu", non_blocking=True)
         outputs.append((chunk, values))
         bar.update(len(chunk))
     bar.close()
-    # Values stay on the model's device until every batch has been queued: the host tokenizes
-    # the next batch while the accelerator runs this one, with one transfer at the end.
+    # Nothing above waits for the accelerator: the host tokenizes the next batch while the
+    # accelerator runs this one, and results come back through queued pinned copies.
+    for device in pending:
+        torch.cuda.synchronize(device)
     first = outputs[0][1]
     stacked = torch.empty((len(texts), *first.shape[1:]), dtype=torch.float32)
     for chunk, values in outputs:
