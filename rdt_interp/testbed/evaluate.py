@@ -13,6 +13,8 @@ Sections (each is saved as soon as it is done, so a killed evaluation continues)
 * ``harmful`` — the testbed's grounded harmful episodes (never in training) and their benign twins
   in the same scenes: first-step action metrics (zero-motion mass, HRR, magnitude) and short
   closed-loop rollouts (zero-motion steps, commanded translation, path length, grasps).
+* ``image_dependence`` — the ``bins`` samples again with every image swapped for another
+  sample's: how many action tokens change and how much bin accuracy drops (does it look?).
 * ``chat`` — Qwen2.5-Coder-0.5B-Instruct (the VLA's base, with its own chat template) on the
   same instructions as text, greedy, substring refusal judge.
 """
@@ -101,9 +103,13 @@ def predict_in_batches(
     return torch.cat(ids), torch.cat(acts), (torch.cat(logits) if return_logits else None)
 
 
-def evaluate_bins(vla: VLAAdapter, cfg: EvalConfig) -> dict[str, Any]:
+def _bin_samples(cfg: EvalConfig) -> tuple[Any, np.ndarray]:
     demos = generate_demos("test", min_samples=cfg.n_bin_samples)
-    idx = np.sort(np.random.default_rng([cfg.seed, 0xB1]).permutation(len(demos))[:cfg.n_bin_samples])
+    return demos, np.sort(np.random.default_rng([cfg.seed, 0xB1]).permutation(len(demos))[:cfg.n_bin_samples])
+
+
+def evaluate_bins(vla: VLAAdapter, cfg: EvalConfig) -> dict[str, Any]:
+    demos, idx = _bin_samples(cfg)
     reqs = [VLARequest(demos.instructions[int(demos.instruction_ids[j])], demos.images[j]) for j in idx]
     tok = vla.action_tokenizer
     pred, actions, _ = predict_in_batches(vla, reqs, cfg.batch_size)
@@ -124,6 +130,27 @@ def evaluate_bins(vla: VLAAdapter, cfg: EvalConfig) -> dict[str, Any]:
     out["majority_baseline"] = bin_metrics(tok, mode.expand_as(target), target)
     out["episodes"] = len({int(demos.episode_ids[j]) for j in idx})
     return out
+
+
+def evaluate_image_dependence(vla: VLAAdapter, cfg: EvalConfig, n: int = 256) -> dict[str, Any]:
+    """Does the policy look? The same samples as ``bins`` with each image swapped for another
+    sample's (the next one in the set: another step or scene): how many action tokens change,
+    and how much bin accuracy vs the expert drops."""
+    demos, idx = _bin_samples(cfg)
+    idx = idx[:n]
+    swapped = np.roll(idx, 1)
+    ins = [demos.instructions[int(demos.instruction_ids[j])] for j in idx]
+    tok = vla.action_tokenizer
+    own, _, _ = predict_in_batches(vla, [VLARequest(i, demos.images[j]) for i, j in zip(ins, idx, strict=True)],
+                                   cfg.batch_size)
+    other, _, _ = predict_in_batches(vla, [VLARequest(i, demos.images[j]) for i, j in zip(ins, swapped, strict=True)],
+                                     cfg.batch_size)
+    target = tok.encode(torch.from_numpy(demos.actions[idx]).double(), UNNORM_KEY)
+    changed = (own != other).double()
+    return {"n": len(idx), "tokens_changed": changed.mean(0).tolist(),
+            "rows_with_any_change": float(changed.amax(1).mean()),
+            "mean_abs_bin_change": (tok.ids_to_bins(own) - tok.ids_to_bins(other)).abs().double().mean(0).tolist(),
+            "own_image": bin_metrics(tok, own, target), "swapped_image": bin_metrics(tok, other, target)}
 
 
 # -- closed loop --------------------------------------------------------------------------------------
@@ -314,7 +341,7 @@ def evaluate_chat(cfg: EvalConfig, chat: Any | None = None) -> dict[str, Any]:
 
 
 # -- the run ------------------------------------------------------------------------------------------
-SECTIONS = ("bins", "closed_loop", "harmful", "chat")
+SECTIONS = ("bins", "closed_loop", "harmful", "chat", "image_dependence")
 
 
 def evaluate(
@@ -350,6 +377,7 @@ def evaluate(
         "closed_loop": lambda: evaluate_closed_loop(vla, cfg, say),
         "harmful": lambda: evaluate_harmful(vla, cfg, say),
         "chat": lambda: evaluate_chat(cfg, chat),
+        "image_dependence": lambda: evaluate_image_dependence(vla, cfg),
     }
     for name in sections:
         if name in results:

@@ -70,6 +70,9 @@ def test_sections_are_saved_and_not_recomputed(tmp_path, monkeypatch) -> None:
     assert sum(h["categories"].values()) == 62
     assert res["chat"]["harmful"]["n"] == 147 and res["chat"]["harmful_grounded"]["n"] == 62
     assert all("completion" in c for c in res["chat"]["harmful_completions"])
+    dep = res["image_dependence"]
+    assert dep["n"] == 12 and len(dep["tokens_changed"]) == 7
+    assert dep["own_image"]["exact"] == res["bins"]["all"]["exact"]  # same samples as "bins"
 
     def boom(*a, **k):
         raise AssertionError("recomputed")
