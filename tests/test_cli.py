@@ -64,7 +64,19 @@ def _results(run_dir: Path) -> dict[str, object]:
             for p in sorted(run_dir.rglob("*.json")) if p.name not in skip}
 
 
-def test_run_killed_and_resumed_gives_identical_results(tmp_path):
+@pytest.fixture
+def one_thread():
+    """The killed run is a subprocess: give it and this process the same thread count, so the
+    two compute with the same float reductions and results can be compared bit for bit."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    torch.set_num_threads(before)
+
+
+def test_run_killed_and_resumed_gives_identical_results(tmp_path, one_thread):
     cfg = tmp_path / "c.toml"
     cfg.write_text(CHAT_ONLY)
     ref = tmp_path / "ref"
@@ -74,7 +86,7 @@ def test_run_killed_and_resumed_gives_identical_results(tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "rdt_interp.cli", "run", str(cfg), "--out", str(killed),
                              "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**one_thread, "PYTHONUNBUFFERED": "1"})
     deadline = time.time() + 600
     while not (killed / "chat" / "selection.json").is_file():
         assert proc.poll() is None, "the run ended before it could be killed"

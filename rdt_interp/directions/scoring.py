@@ -88,12 +88,12 @@ def last_logprobs(
             pre = runner.forward(
                 {"input_ids": batch.prefix_ids.to(dev), "attention_mask": torch.ones_like(batch.prefix_ids, device=dev),
                  "position_ids": torch.arange(p, device=dev)[None], "use_cache": True, "logits_to_keep": 1},
-                StepContext("prefill", batch.prefix_roles.to(dev)),
+                StepContext("prefill", batch.prefix_roles),
             )
             cache = cache_of(pre)
         for start in range(0, len(batch), batch_size):
             sl = slice(start, start + batch_size)
-            ids, roles, mask = (batch.suffix_ids[sl].to(dev), batch.suffix_roles[sl].to(dev),
+            ids, roles, mask = (batch.suffix_ids[sl].to(dev), batch.suffix_roles[sl],
                                 batch.suffix_mask[sl].to(dev))
             n, s = ids.shape
             last = mask.sum(1) - 1

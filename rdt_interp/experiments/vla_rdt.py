@@ -622,11 +622,11 @@ def choose_alpha(sweep: SweepResult, *, mode: str = "action", split: str = "val"
 
 # -- specificity -----------------------------------------------------------------------------------
 def _select_batch(batch: EncodedBatch, rows: Tensor) -> EncodedBatch:
-    idx = rows.to(batch.roles.device)
+    idx = rows.to(batch.attention_mask.device)
     inputs = {k: v.index_select(0, idx.to(v.device)) if isinstance(v, Tensor) else v
               for k, v in batch.inputs.items()}
     return dataclasses.replace(
-        batch, inputs=inputs, roles=batch.roles.index_select(0, idx),
+        batch, inputs=inputs, roles=batch.roles.index_select(0, rows.to(batch.roles.device)),
         attention_mask=batch.attention_mask.index_select(0, idx),
         position_ids=batch.position_ids.index_select(0, idx),
         texts=[batch.texts[i] for i in rows.tolist()] if batch.texts else [])

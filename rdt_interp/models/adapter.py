@@ -31,7 +31,7 @@ class EncodedBatch:
 
     ``roles``, ``attention_mask`` and ``position_ids`` are over decoder positions: for a VLA
     these include the image patches inserted after BOS, so they can be longer than
-    ``inputs["input_ids"]``.
+    ``inputs["input_ids"]``. ``roles`` live on the host (CPU) whatever the model's device.
     """
 
     inputs: dict[str, Tensor]
@@ -40,31 +40,22 @@ class EncodedBatch:
     position_ids: Int[Tensor, "batch seq"]
     texts: list[str] = field(default_factory=list)
     padding_side: PaddingSide = "left"
-    #: the roles on the host: role masks and selectors are resolved there, so deciding which
-    #: positions to read or edit never waits for the accelerator
-    host_roles: Int[Tensor, "batch seq"] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return int(self.roles.shape[0])
-
-    @property
-    def roles_for_context(self) -> Int[Tensor, "batch seq"]:
-        return self.host_roles if self.host_roles is not None else self.roles
 
     @property
     def seq_len(self) -> int:
         return int(self.roles.shape[1])
 
     def to(self, device: torch.device | str) -> EncodedBatch:
-        host = self.host_roles if self.host_roles is not None else (
-            self.roles if self.roles.device.type == "cpu" else None)
+        """Model inputs, mask and positions to ``device``; ``roles`` stay on the host, where role
+        masks and selectors are resolved, so choosing positions never waits for the accelerator."""
         return replace(
             self,
             inputs={k: to_device(v, device) if isinstance(v, Tensor) else v for k, v in self.inputs.items()},
-            roles=to_device(self.roles, device),
             attention_mask=to_device(self.attention_mask, device),
             position_ids=to_device(self.position_ids, device),
-            host_roles=host,
         )
 
 

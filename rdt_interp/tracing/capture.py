@@ -207,6 +207,6 @@ def _capture_batch(
 
     rec = Recorder(layers, site, sel, device=None)
     with make_runner(backend, adapter, interventions, [rec]) as runner:
-        runner.forward(adapter.prefill_kwargs(batch, use_cache=False), StepContext("prefill", batch.roles_for_context),
+        runner.forward(adapter.prefill_kwargs(batch, use_cache=False), StepContext("prefill", batch.roles),
                        need_output=False)
     return rec.prefill_tensor()

@@ -73,10 +73,10 @@ def generate(
     allowed = adapter.allowed_token_ids() if allowed_token_ids is None else allowed_token_ids
     eos = adapter.eos_token_id if stop_at_eos else None
     n = len(batch)
-    device = batch.roles.device
+    device = batch.attention_mask.device
     with make_runner(backend, adapter, interventions, recorders) as runner:
         out = runner.forward(adapter.prefill_kwargs(batch, use_cache=True),
-                             StepContext("prefill", batch.roles_for_context))
+                             StepContext("prefill", batch.roles))
         logits = adapter.logits_of(out)[:, -1].float()
         cache = adapter.cache_of(out)
         mask = batch.attention_mask

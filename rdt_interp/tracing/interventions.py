@@ -53,7 +53,7 @@ SITE_ORDER = {s: i for i, s in enumerate(Site)}
 class StepContext:
     """What the current forward pass is: prefill or a decode step, and the role of each position.
 
-    Pass the roles on the host (``EncodedBatch.roles_for_context``): edits and recorders resolve
+    Pass the roles on the host (``EncodedBatch.roles`` always are): edits and recorders resolve
     their positions there and never make the host wait for the accelerator.
     """
 

@@ -77,5 +77,6 @@ def capture_with_lens(
         stop_at_layer=max(layers) + 1,
     )
     idx, w = sel.resolve(batch.roles)
-    out = [gather_positions(cache[n].float(), idx, w, sel.pool) for n in names]
+    out = [gather_positions(cache[n].float(), idx.to(cache[n].device), w.to(cache[n].device), sel.pool)
+           for n in names]
     return torch.stack(out, dim=1).cpu()

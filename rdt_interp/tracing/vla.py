@@ -316,7 +316,7 @@ def capture_roles(
             if top is None and not interventions:
                 with make_runner(backend, adapter, (), [rec]) as runner:
                     runner.forward(adapter.prefill_kwargs(batch, use_cache=False),
-                                   StepContext("prefill", batch.roles_for_context), need_output=False)
+                                   StepContext("prefill", batch.roles), need_output=False)
                 tokens = torch.empty((len(chunk), 0), dtype=torch.long)
             else:
                 from rdt_interp.tracing.generation import generate
@@ -462,7 +462,7 @@ def run_prefill(
         raise ConfigError("a prefill for decoding needs a left-padded batch",
                           fix="encode with padding_side='left' (the default)")
     with make_runner(backend, adapter, interventions, recorders) as runner:
-        out = runner.forward(adapter.prefill_kwargs(batch, use_cache=True), StepContext("prefill", batch.roles_for_context))
+        out = runner.forward(adapter.prefill_kwargs(batch, use_cache=True), StepContext("prefill", batch.roles))
     return PrefillState(batch, adapter.cache_of(out), adapter.logits_of(out)[:, -1].float())
 
 
