@@ -32,7 +32,7 @@ def main() -> None:
     cfg = copy.deepcopy(openvla_7b_config())
     cfg["text_config"]["num_hidden_layers"] = args.layers
     rng = np.random.default_rng(0)
-    words = "pick place the red blue cup bowl sponge knife drawer left right into onto".split()
+    words = ["pick", "place", "the", "red", "blue", "cup", "bowl", "sponge", "knife", "drawer", "left", "right", "into", "onto"]
     reqs = [VLARequest(" ".join(rng.choice(words, size=int(rng.integers(4, 14)))),
                        rng.integers(0, 255, size=(224, 224, 3), dtype=np.uint8)) for _ in range(args.batch)]
     report: dict[str, object] = {"device": device_name(args.device), "batch": args.batch,
