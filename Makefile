@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not real_model and not slow and not notebook"
+	$(BIN)/python -m pytest -q -m "not real_model and not slow" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check rdt_interp tests benchmarks
