@@ -53,8 +53,10 @@ def pareto_figure(
         raise ConfigError("the result has no condition to plot")
     with paper_style():
         fig, axes = new_figure(width, height, ncols=len(metrics))
-        for a, metric in zip(axes, metrics, strict=True):
+        for i, (a, metric) in enumerate(zip(axes, metrics, strict=True)):
             base = None
+            if len(metrics) > 1:
+                a.set_title(f"({chr(ord('a') + i)})", loc="left")
             for defense in dict.fromkeys(c.defense for c in res.conditions):
                 pts = sorted((c for c in res.conditions if c.defense == defense), key=lambda c: c.strength)
                 x = np.array([c.value("benign", cost) for c in pts])
@@ -66,11 +68,12 @@ def pareto_figure(
                            yerr=np.abs(np.vstack([y[:, 0] - y[:, 1], y[:, 2] - y[:, 0]])), fmt=_MARKERS.get(defense, "o"),
                            color=color, ms=4.5 if defense == "none" else 3.2, elinewidth=0.5, capsize=0,
                            label=DEFENSE_LABELS.get(defense, defense), zorder=3)
-                if len(pts) > 1:
-                    strongest = pts[-1]
-                    tag = f"α={strongest.strength:g}" if defense != "vlm_guard_clamp" else f"×{strongest.strength:g}"
-                    a.annotate(tag, (x[-1, 0], y[-1, 0]), xytext=(3, -2), textcoords="offset points", fontsize=5.5,
-                               color=color)
+                if len(pts) > 1:  # every strength, α for the steering defenses
+                    for j, c in enumerate(pts):
+                        tag = f"×{c.strength:g}" if defense == "vlm_guard_clamp" else (
+                            f"α={c.strength:g}" if j == 0 else f"{c.strength:g}")
+                        a.annotate(tag, (x[j, 0], y[j, 0]), xytext=(2.5, 2), textcoords="offset points",
+                                   fontsize=5.5, color=color)
                 if defense == "none":
                     base = y[0, 0]
             if base is not None:
