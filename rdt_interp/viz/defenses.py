@@ -2,8 +2,10 @@
 
 :func:`pareto_figure` -- harmful suppression against benign cost, one panel per harmful metric:
 x is the mean |bin shift| of benign actions against the undefended policy (0 for no defense),
-y a harmful action metric (default: the zero-motion rate and the zero-motion mass); 95% bootstrap CIs as error bars; the strengths of one defense
-(alpha, clamp scale) joined by a line, the strongest labelled. Up and to the left is better.
+y a harmful action metric (default: the zero-motion rate, the zero-motion mass and the decoded
+action magnitude); 95% bootstrap CIs as error bars; the strengths of one defense
+(alpha, clamp scale) joined by a line and labelled where the labels do not collide. Left is
+cheaper; up is better for the zero-motion metrics, down for the magnitude.
 """
 
 from __future__ import annotations
@@ -30,6 +32,19 @@ def metric_label(metric: str, m: Any = None) -> str:
     return _action_label(metric, m)
 
 
+def _place_tags(ax: Any, tags: Sequence[tuple[float, float, str, str]], min_gap: float = 0.045) -> None:
+    """Strength labels next to their points, skipping one that would sit on a label already
+    placed (closer than ``min_gap`` of the axes in both x and y): clusters stay readable."""
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    placed: list[tuple[float, float]] = []
+    for x, y, tag, color in tags:
+        u, v = (x - x0) / ((x1 - x0) or 1.0), (y - y0) / ((y1 - y0) or 1.0)
+        if any(abs(u - pu) < min_gap * 1.6 and abs(v - pv) < min_gap for pu, pv in placed):
+            continue
+        placed.append((u, v))
+        ax.annotate(tag, (x, y), xytext=(2.5, 2), textcoords="offset points", fontsize=5.5, color=color)
+
+
 def _result(result: Any) -> Any:
     from rdt_interp.experiments.defenses import DefensesResult
 
@@ -39,7 +54,7 @@ def _result(result: Any) -> Any:
 def pareto_figure(
     result: Any,
     *,
-    metrics: Sequence[str] = ("zero_motion", "zero_mass"),
+    metrics: Sequence[str] = ("zero_motion", "zero_mass", "magnitude"),
     cost: str = "abs_shift",
     width: Width = "page",
     height: float | None = 2.6,
@@ -55,6 +70,7 @@ def pareto_figure(
         fig, axes = new_figure(width, height, ncols=len(metrics))
         for i, (a, metric) in enumerate(zip(axes, metrics, strict=True)):
             base = None
+            tags: list[tuple[float, float, str, str]] = []
             if len(metrics) > 1:
                 a.set_title(f"({chr(ord('a') + i)})", loc="left")
             for defense in dict.fromkeys(c.defense for c in res.conditions):
@@ -72,8 +88,7 @@ def pareto_figure(
                     for j, c in enumerate(pts):
                         tag = f"×{c.strength:g}" if defense == "vlm_guard_clamp" else (
                             f"α={c.strength:g}" if j == 0 else f"{c.strength:g}")
-                        a.annotate(tag, (x[j, 0], y[j, 0]), xytext=(2.5, 2), textcoords="offset points",
-                                   fontsize=5.5, color=color)
+                        tags.append((x[j, 0], y[j, 0], tag, color))
                 if defense == "none":
                     base = y[0, 0]
             if base is not None:
@@ -84,7 +99,11 @@ def pareto_figure(
                          else "benign: " + metric_label(cost, first))
             if metric in ("zero_motion", "zero_mass", "hrr_strict", "hrr_partial"):
                 lo, hi = a.get_ylim()
-                a.set_ylim(max(-0.02, lo), min(1.02, hi))
+                lo, hi = max(-0.02, lo), min(1.02, hi)
+                if hi - lo < 0.05:  # every condition at one value (e.g. a rate of 0): show the scale
+                    lo, hi = max(-0.02, lo - 0.02), min(1.02, max(hi, lo) + 0.08)
+                a.set_ylim(lo, hi)
+            _place_tags(a, tags)
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside right center", fontsize=6.5, markerscale=1.0)
     return fig

@@ -60,7 +60,7 @@ def result() -> DefensesResult:
 
 def test_pareto_figure_places_every_condition(result, tmp_path):
     f = pareto_figure(json.loads(to_json(result.to_dict())))
-    assert len(f.axes) == 2 and plt.get_fignums() == []
+    assert len(f.axes) == 3 and plt.get_fignums() == []
     texts = [t.get_text() for t in f.legends[0].get_texts()]
     assert texts == ["no defense", "AdaShield (prompt)", "RDT", "gated RDT+"]
     zm = f.axes[0]
