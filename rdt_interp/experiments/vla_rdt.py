@@ -818,8 +818,11 @@ def decoupling(
     """
     d = as_direction(direction, adapter.d_model)
     layers = steering_layers(adapter, d, config.layers)
+    # The steering layer is always in the grid: the figure marks it and at_layer() reads it.
+    grid_layers = (None if config.decoupling_layers is None
+                   else tuple(sorted({*config.decoupling_layers, layers[0]})))
     caps = capture_roles(adapter, [r.request for r in requests], roles=config.decoupling_roles,
-                         layers=config.decoupling_layers, batch_size=config.batch_size,
+                         layers=grid_layers, batch_size=config.batch_size,
                          backend=config.backend,  # type: ignore[arg-type]
                          constrain_actions=config.constrain_actions, progress=progress)
     y = torch.tensor([r.label == "harmful" for r in requests])
@@ -832,8 +835,7 @@ def decoupling(
         fit, data = None, caps.labeled(y, split="+".join(sorted({r.split for r in requests})))
     grid = probe_grid(data, directions=d.vector, fit=fit, probe=config.probe, folds=config.folds,
                       n_boot=config.n_boot, n_perm=config.n_perm, seed=config.seed)
-    layer = layers[0] if layers[0] in data.layers else data.layers[len(data.layers) // 2]
-    return DecouplingResult(grid, caps.roles, layer, _direction_info(d))
+    return DecouplingResult(grid, caps.roles, layers[0], _direction_info(d))
 
 
 # -- the whole study -------------------------------------------------------------------------------

@@ -174,6 +174,9 @@ def test_decoupling_grid_is_the_projection_auc_of_the_captures(vla):
     assert to_json(back.at_layer()) == to_json(res.at_layer())
     cv = decoupling(vla, d, load_requests(vla, n_pairs=3, images="noise", val_fraction=0.0), _config(n_perm=20))
     assert cv.grid.split == "test" and cv.grid.n_pos == 3 and "cross-fitted" not in cv.grid.proj_source
+    # the steering layer joins a grid that leaves it out: what the figure marks was measured
+    only0 = decoupling(vla, d, reqs, _config(n_perm=20, decoupling_layers=(0,)))
+    assert only0.grid.layers == (0, 1) and only0.layer == 1
 
 
 def test_run_resumes_and_refuses_another_config(vla, tmp_path):
