@@ -11,7 +11,13 @@ import torch
 from rdt_interp.models.offline import QWEN25_CODER_05B
 from rdt_interp.roles import Role
 from rdt_interp.storage import read_json
-from rdt_interp.testbed.adapter import DATA_DIR, DELTA_FILE, MANIFEST_FILE, UNNORM_KEY, load_testbed_vla
+from rdt_interp.testbed.adapter import (
+    DATA_DIR,
+    DELTA_FILE,
+    MANIFEST_FILE,
+    UNNORM_KEY,
+    load_testbed_vla,
+)
 from rdt_interp.testbed.train import EXPECTED_FILE, expected_requests
 
 pytestmark = pytest.mark.real_model
