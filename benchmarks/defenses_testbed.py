@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--delta", type=Path, help="a testbed training run directory (default: the committed delta)")
     ap.add_argument("--direction", type=Path, help="a saved chat refusal Direction (default: diff-in-means at --layer)")
     ap.add_argument("--layer", type=int, default=None, help="chat layer for direction/subspace/probe "
-                    "(default: the --direction's layer, else 19: the layer the chat-side study selected for "
-                    "Qwen2.5-Coder-0.5B-Instruct)")
+                    "(default: the --direction's layer, else 19, the layer the measured comparison in "
+                    "docs/defenses.md used; the demo's selection picks 15, pass --direction to use it)")
     ap.add_argument("--k", type=int, default=4, help="rank of the VLM-Guard safety subspace")
     ap.add_argument("--n-chat", type=int, default=128, help="harmful and harmless chat instructions each")
     ap.add_argument("--alphas", type=float, nargs="+", default=[1.0, 4.0, 16.0],
