@@ -148,9 +148,24 @@ def _print_summary(run_dir: Path) -> None:
             rows.append(("VLA", v["model"]["name"] + (" (RANDOM WEIGHTS)" if v["random_weights"] else "")))
             vsum = run_dir / "vla" / "summary.json"
             if vsum.is_file():
-                for k, val in json.loads(vsum.read_text()).items():
-                    if isinstance(val, (int, float, str)):
-                        rows.append((f"  {k}", f"{val:.4g}" if isinstance(val, float) else str(val)))
+                vs = json.loads(vsum.read_text())
+                a = vs.get("alpha")
+                rows.append(("  alpha (chosen on val)", f"{a:g} at layers {vs.get('layers')}"))
+                for label in ("harmful", "benign"):
+                    base, rdt_ = vs.get(f"none/{label}"), vs.get(f"action@{a:g}/{label}")
+                    plus = vs.get(f"text+action@{a:g}/{label}")
+                    if base and rdt_ and plus:
+                        rows.append((f"  {label} zero-motion mass", f"{base['zero_mass']:.3f} unsteered, "
+                                     f"{rdt_['zero_mass']:.3f} RDT, {plus['zero_mass']:.3f} RDT+"))
+                sp = vs.get("specificity")
+                if sp:
+                    rows.append(("  specificity (RDT)", f"r {sp['real']:.3f} vs random {sp['null_mean']:.3f}, "
+                                 f"p = {sp['p']:.3g} ({sp['n_random']} directions)"))
+                for role in ("last_text", "first_action"):
+                    cell = (vs.get("decoupling") or {}).get(role)
+                    if cell:
+                        rows.append((f"  harm AUC, {role}, L{(vs.get('layers') or ['?'])[0]}", f"projection {cell['proj_auc']:.2f}, "
+                                     f"probe {cell['probe_auc']:.2f}"))
     width = max(len(r[0]) for r in rows)
     typer.echo(f"\n{run_dir}")
     for k, v in rows:

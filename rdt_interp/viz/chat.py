@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from rdt_interp.directions.selection import SelectionResult
 from rdt_interp.viz.style import CI_ALPHA, NULL_COLOR, OKABE_ITO, Width, new_figure, paper_style
@@ -69,6 +70,7 @@ def selection_heatmap(selection: SelectionResult | Mapping[str, Any], *, width: 
             im = ax.imshow(values, aspect="auto", cmap=cmap, origin="lower",
                            extent=(layers[0] - 0.5, layers[-1] + 0.5, -0.5, len(positions) - 0.5))
             ax.set_yticks(range(len(positions)), [str(p) for p in positions])
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("layer")
             ax.set_ylabel("post-instruction position")
             cb = fig.colorbar(im, ax=ax, shrink=0.9, pad=0.02)
@@ -79,7 +81,8 @@ def selection_heatmap(selection: SelectionResult | Mapping[str, Any], *, width: 
             ax.axvline(sel.config.max_layer_fraction * sel.n_layers - 0.5, color=NULL_COLOR, lw=0.6, ls="--")
         axes[0].set_title(f"chosen: layer {sel.layer}, position {sel.position}"
                           + ("" if sel.filters_passed else " (no candidate passed the filters)"), loc="left")
-        axes[1].set_title(f"KL filter ≤ {sel.config.kl_threshold:g}", loc="left")
+        axes[1].set_title(f"KL filter ≤ {sel.config.kl_threshold:g}; dashed: layer limit "
+                          f"{sel.config.max_layer_fraction:g}·L", loc="left")
     return fig
 
 

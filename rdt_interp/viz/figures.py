@@ -141,7 +141,7 @@ def alignment_layers(
         a.fill_between([x.min() - 0.5, x.max() + 0.5], -r.null_q95, r.null_q95, color=NULL_COLOR,
                        alpha=NULL_BAND_ALPHA, lw=0, label=f"random directions (95%, d = {r.d_model})")
         for s in (-1, 1):
-            a.axhline(s * r.null_q99, color=NULL_COLOR, ls=":", lw=0.8)
+            a.axhline(s * r.null_q99, color=NULL_COLOR, ls=":", lw=0.8, label="99%" if s == 1 else None)
         a.axhline(0.0, color=NULL_COLOR, lw=0.5)
         a.plot(x, r.cos, color=PALETTE[0], marker="o", ms=2.5, label=f"{r.name_a} vs {r.name_b}")
         a.set_xlim(x.min() - 0.5, x.max() + 0.5)
@@ -270,7 +270,12 @@ def specificity_plot(
         a.hist(r.null, bins=bins, color=NULL_COLOR, alpha=0.8, lw=0,
                label=f"{r.n_random} random directions")
         if math.isfinite(r.real_lo) and math.isfinite(r.real_hi):
-            a.axvspan(r.real_lo, r.real_hi, color=PALETTE[0], alpha=CI_ALPHA, lw=0)
+            # The CI as a bar along the top (a shaded span wider than the null hid the histogram).
+            from matplotlib.transforms import blended_transform_factory
+
+            top = blended_transform_factory(a.transData, a.transAxes)
+            a.plot([r.real_lo, r.real_hi], [0.97, 0.97], transform=top, color=PALETTE[0], lw=1.0,
+                   marker="|", ms=5, label=f"{label}: {100 * r.level:g}% CI", clip_on=False)
         a.axvline(r.real, color=PALETTE[0], lw=1.5, label=f"{label} ({format_p(r.p, r.n_random)})")
         for k, (name, c) in enumerate(r.controls.items()):
             a.axvline(c["effect"], color=PALETTE[(k + 1) % len(PALETTE)], lw=1.1,
