@@ -18,7 +18,7 @@ that RDT on the split model gives the one-GPU model's actions. Markdown table on
 ``--out``.
 
     python benchmarks/bench_distributed.py --nproc 2 --out runs/bench_distributed.json        # 2 GPUs
-    python benchmarks/bench_distributed.py --tiny --backend gloo --nproc 2 --out /tmp/bd.json  # CPU smoke test
+    python benchmarks/bench_distributed.py --tiny --backend gloo --nproc 2 --out runs/smoke/bd.json  # CPU smoke test
 
 The script starts itself under torchrun (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1).
 """

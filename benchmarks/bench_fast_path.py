@@ -16,7 +16,7 @@ batch (tokenization and image preprocessing are timed separately, once). Reports
 * on CUDA, a small fp32 model through the same graphs + compile: tokens must equal eager exactly.
 
     python benchmarks/bench_fast_path.py --out runs/bench_fast_path.json           # GPU
-    python benchmarks/bench_fast_path.py --tiny --device cpu --out /tmp/fast.json  # CPU smoke test
+    python benchmarks/bench_fast_path.py --tiny --device cpu --out runs/smoke/fast.json  # CPU smoke test
 
 JSON to ``--out``, a markdown table to stdout, progress lines (with elapsed seconds) to stderr.
 """

@@ -7,7 +7,7 @@ synchronised) and throughput at batch 1/8/32 in actions/s, end to end from (inst
 requests: tokenization and image preprocessing included. Prints a markdown table and writes JSON.
 
     python benchmarks/bench_openvla.py --out runs/bench_openvla.json            # GPU, real shapes
-    python benchmarks/bench_openvla.py --tiny --device cpu --out /tmp/b.json    # CPU smoke test
+    python benchmarks/bench_openvla.py --tiny --device cpu --out runs/smoke/b.json    # CPU smoke test
 
 Nothing is downloaded. Without ``--tokenizer`` a word-level stand-in for Llama-2's tokenizer is
 used (one token per word and punctuation mark, SentencePiece-style "▁" boundaries), so prompts

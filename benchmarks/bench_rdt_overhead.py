@@ -16,7 +16,7 @@ stdout and in the JSON). Batch 32 is skipped when the batch-1 timings project pa
 ``--budget-s``.
 
     python benchmarks/bench_rdt_overhead.py --out runs/bench_rdt_overhead.json           # GPU
-    python benchmarks/bench_rdt_overhead.py --tiny --device cpu --out /tmp/rdt.json       # CPU smoke test
+    python benchmarks/bench_rdt_overhead.py --tiny --device cpu --out runs/smoke/rdt.json       # CPU smoke test
 """
 
 from __future__ import annotations

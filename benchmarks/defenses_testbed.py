@@ -5,7 +5,7 @@ the source of the refusal direction, the VLM-Guard safety subspace and an altern
 
     python benchmarks/defenses_testbed.py --out runs/defenses-testbed                      # committed delta
     python benchmarks/defenses_testbed.py --out runs/defenses-testbed --delta /work/runs/testbed-vla2
-    python benchmarks/defenses_testbed.py --out /tmp/defenses-tiny --tiny                  # smoke test
+    python benchmarks/defenses_testbed.py --out runs/smoke/defenses-tiny --tiny                  # smoke test
 
 The chat side, once (cached in ``--out/chat``): Arditi et al.'s harmful / harmless *train*
 instructions (``--n-chat`` of each) are captured at ``--layer`` (block input, last
