@@ -19,6 +19,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter
+from matplotlib.transforms import blended_transform_factory
 
 from rdt_interp.analysis._result import coerce
 from rdt_interp.analysis.alignment import AlignmentResult
@@ -271,8 +272,6 @@ def specificity_plot(
                label=f"{r.n_random} random directions")
         if math.isfinite(r.real_lo) and math.isfinite(r.real_hi):
             # The CI as a bar along the top (a shaded span wider than the null hid the histogram).
-            from matplotlib.transforms import blended_transform_factory
-
             top = blended_transform_factory(a.transData, a.transAxes)
             a.plot([r.real_lo, r.real_hi], [0.97, 0.97], transform=top, color=PALETTE[0], lw=1.0,
                    marker="|", ms=5, label=f"{label}: {100 * r.level:g}% CI", clip_on=False)
