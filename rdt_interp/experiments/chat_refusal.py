@@ -70,16 +70,7 @@ def run_chat_refusal(
     t_start = time.perf_counter()
     run = RunDir(run_dir, {"experiment": "chat_refusal", **cfg.to_dict()}, log=log)
     splits = _splits(cfg)
-    timings: dict[str, float] = run.load("timings") if run.done("timings") else {}
-
-    def timed(name, fn):
-        if run.done(name):
-            return run.step(name, fn)
-        t = time.perf_counter()
-        out = run.step(name, fn)
-        timings[name] = time.perf_counter() - t
-        run.save("timings", timings)
-        return out
+    timed = run.timed_step
 
     cands: list[CandidateDirections] = []
 
@@ -172,7 +163,7 @@ def run_chat_refusal(
         "kl_harmless_ablation": kl["kl"],
         "evaluation": {k: {kk: vv for kk, vv in v.items() if kk != "flags"} for k, v in evaluation.items()},
         "kl": {k: v for k, v in kl.items() if k != "per_prompt"},
-        "timings_s": timings,
+        "timings_s": run.timings(),
         "n_test": cfg.n_test,
     }
     summary["wall_s_this_invocation"] = time.perf_counter() - t_start

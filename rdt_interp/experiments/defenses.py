@@ -563,16 +563,7 @@ def run_defenses(
         "direction": {k: dir_info[k] for k in ("digest", "norm", "rank")},
         "subspace": subspace.info() if subspace is not None else None,
         "chat_probe": digest_tensor(chat_probe.weight)[:16] if chat_probe is not None else None}, log=log)
-    timings: dict[str, float] = run.load("timings") if run.done("timings") else {}
-
-    def timed(name: str, fn: Callable[[], Any]) -> Any:
-        if run.done(name):
-            return run.step(name, fn)
-        t = time.perf_counter()
-        out = run.step(name, fn)
-        timings[name] = time.perf_counter() - t
-        run.save("timings", timings)
-        return out
+    timed = run.timed_step
 
     requests = load_requests(adapter, config.prompt_file, n_pairs=config.n_pairs, val_fraction=config.val_fraction,
                              images=config.images, seed=config.seed)
@@ -668,7 +659,7 @@ def run_defenses(
     result = DefensesResult(config, adapter.describe(), dir_info, layers, tuple(conds),
                             subspace.info() if subspace is not None else None,
                             {k: v for k, v in gate.to_dict().items() if k != "probe"} if gate is not None else None,
-                            gate_test, alternatives, counts, dict(timings))
+                            gate_test, alternatives, counts, run.timings())
     run.save("result", result.to_dict())
     run.save("table", result.table_rows())
     (run.path / "table.md").write_text(result.markdown())

@@ -8,6 +8,7 @@ is deterministic given the config and its seeds).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,19 @@ class RunDir:
         self.log(f"[run]    {name}")
         value = _roundtrip(fn())
         self.save(name, value)
+        return value
+
+    def timings(self) -> dict[str, float]:
+        """Seconds each step took when it ran (``timings.json``; cached steps are not re-timed)."""
+        return dict(self.load("timings")) if self.done("timings") else {}
+
+    def timed_step(self, name: str, fn: Callable[[], Any]) -> Any:
+        """:meth:`step`, recording in ``timings.json`` how long it took when it actually ran."""
+        if self.done(name):
+            return self.step(name, fn)
+        t = time.perf_counter()
+        value = self.step(name, fn)
+        self.save("timings", self.timings() | {name: time.perf_counter() - t})
         return value
 
 

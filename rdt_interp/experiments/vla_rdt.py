@@ -915,16 +915,7 @@ def run_vla_rdt(
                            "model": {k: v for k, v in adapter.describe().items()},
                            "direction": {"digest": info["digest"], "norm": info["norm"], "rank": info["rank"]}},
                  log=log)
-    timings: dict[str, float] = run.load("timings") if run.done("timings") else {}
-
-    def timed(name: str, fn: Callable[[], Any]) -> Any:
-        if run.done(name):
-            return run.step(name, fn)
-        t = time.perf_counter()
-        out = run.step(name, fn)
-        timings[name] = time.perf_counter() - t
-        run.save("timings", timings)
-        return out
+    timed = run.timed_step
 
     requests = load_requests(
         adapter, config.prompt_file, n_pairs=config.n_pairs, val_fraction=config.val_fraction,
@@ -969,7 +960,7 @@ def run_vla_rdt(
             adapter, d, requests, config, progress=progress).to_dict()))
     counts = {f"{s}/{lab}": len(_subset(requests, s, lab)) for s in ("val", "test") for lab in LABELS}
     result = VLARDTResult(config, adapter.describe(), info, layers, alpha, choice, sweep, targets, spec, dec,
-                          counts, dict(timings))
+                          counts, run.timings())
     run.save("result", result.to_dict())
     run.save("summary", result.summary())
     if config.figures:
