@@ -90,3 +90,26 @@ class UnknownNameError(RdtError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise repr() the message
         return Exception.__str__(self)
+
+
+class MissingFileError(RdtError, FileNotFoundError):
+    """A file the toolkit was asked to read does not exist."""
+
+    def __init__(self, path: object, *, what: str = "file", fix: str | None = None) -> None:
+        self.path = str(path)
+        super().__init__(f"{what} not found: {self.path}", fix=fix)
+
+
+class CorruptFileError(IntegrityError, ValueError):
+    """A file exists but cannot be parsed or fails its checksum (truncated, garbage, another format).
+
+    An :class:`IntegrityError`, so code that recomputes a corrupted cache entry catches both.
+    """
+
+    def __init__(self, path: object, *, reason: str, what: str = "file", fix: str | None = None) -> None:
+        self.path = str(path)
+        RdtError.__init__(self, f"{what} {self.path} is corrupt: {reason}", fix=fix)
+
+
+class TokenizerMismatchError(RdtError, ValueError):
+    """A batch was encoded with another tokenizer than the model it is run on."""
