@@ -11,8 +11,15 @@ class RdtError(Exception):
     """Base class. ``fix`` is a one-line instruction that is appended to the message."""
 
     def __init__(self, message: str, *, fix: str | None = None) -> None:
+        self.message = message
         self.fix = fix
         super().__init__(message if fix is None else f"{message}\n  fix: {fix}")
+
+    def one_line(self) -> str:
+        """The message and the fix on one line (what the command line prints)."""
+        first, *rest = [line.strip() for line in str(self.message).splitlines() if line.strip()] or [""]
+        text = first + (" " + "; ".join(rest) if rest else "")
+        return text if self.fix is None else f"{text} (fix: {self.fix})"
 
 
 class ConfigError(RdtError, ValueError):
