@@ -462,6 +462,7 @@ def run_prefill(
     if batch.padding_side != "left":
         raise ConfigError("a prefill for decoding needs a left-padded batch",
                           fix="encode with padding_side='left' (the default)")
+    adapter.check_batch(batch)
     with make_runner(backend, adapter, interventions, recorders) as runner:
         out = runner.forward(adapter.prefill_kwargs(batch, use_cache=True), StepContext("prefill", batch.roles))
     return PrefillState(batch, adapter.cache_of(out), adapter.logits_of(out)[:, -1].float())
