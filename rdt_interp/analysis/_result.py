@@ -57,7 +57,8 @@ class ResultMixin:
             value = getattr(self, f.name)
             out[f.name] = _plain(value)
             if f.name in self._arrays and value is not None and not np.isfinite(value).all():
-                undefined[f.name] = self._undefined.get(f.name, "undefined (NaN in the computation)")
+                undefined[f.name] = self._undefined.get(
+                    f.name, "undefined: not a finite number (e.g. zero variance or an empty class)")
         if undefined:
             out["undefined"] = undefined
         return out
