@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn, ParamSpec
 
 import typer
 
 from rdt_interp import __version__
 from rdt_interp.errors import RdtError
+
+P = ParamSpec("P")
 
 app = typer.Typer(
     name="rdt-interp",
@@ -26,9 +29,23 @@ app = typer.Typer(
 )
 
 
-def _fail(exc: Exception) -> None:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+def _fail(exc: RdtError) -> NoReturn:
+    """Bad input is one line on stderr and exit code 2, never a traceback."""
+    typer.secho(f"error: {exc.one_line()}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
+
+
+def _boundary(command: Callable[P, None]) -> Callable[P, None]:
+    """Every command goes through this: an :class:`RdtError` becomes :func:`_fail`."""
+
+    @functools.wraps(command)
+    def wrapped(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            command(*args, **kwargs)
+        except RdtError as exc:
+            _fail(exc)
+
+    return wrapped
 
 
 def _version(value: bool | None) -> None:
@@ -44,6 +61,7 @@ def main(version: Annotated[bool | None, typer.Option("--version", callback=_ver
 
 
 @app.command()
+@_boundary
 def run(
     config: Annotated[Path, typer.Argument(help="Study config (TOML); see docs/cli.md.")],
     out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/<name>).")] = None,
@@ -53,18 +71,16 @@ def run(
     from rdt_interp.experiments.config import load_config
     from rdt_interp.experiments.study import run_study
 
-    try:
-        cfg = load_config(config)
-        run_dir = out or Path("runs") / cfg.name
-        t0 = time.perf_counter()
-        run_study(cfg, run_dir, progress=progress, log=typer.echo)
-        typer.echo(f"done in {time.perf_counter() - t0:.0f} s -> {run_dir}")
-        _print_summary(run_dir)
-    except RdtError as exc:
-        _fail(exc)
+    cfg = load_config(config)
+    run_dir = out or Path("runs") / cfg.name
+    t0 = time.perf_counter()
+    run_study(cfg, run_dir, progress=progress, log=typer.echo)
+    typer.echo(f"done in {time.perf_counter() - t0:.0f} s -> {run_dir}")
+    _print_summary(run_dir)
 
 
 @app.command()
+@_boundary
 def figures(
     run_dir: Annotated[Path, typer.Argument(help="A run directory made by `rdt-interp run`.")],
     out: Annotated[Path | None, typer.Option(help="Where to write the figures (default RUN_DIR/figures).")] = None,
@@ -72,23 +88,22 @@ def figures(
     """Rebuild every figure of a run from its saved results (no model is loaded)."""
     from rdt_interp.viz.study import study_figures
 
-    try:
-        written = study_figures(run_dir, out or run_dir / "figures")
-    except RdtError as exc:
-        _fail(exc)
+    written = study_figures(run_dir, out or run_dir / "figures")
     pngs = [p for p in written if p.suffix == ".png"]
     typer.echo(f"{len(pngs)} figures (PDF + PNG) in {out or run_dir / 'figures'}")
 
 
 @app.command()
+@_boundary
 def inspect(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
     """Summary table of a run in the terminal."""
     if not (run_dir / "config.json").is_file():
-        _fail(RdtError(f"{run_dir} is not a run directory (no config.json)"))
+        raise RdtError(f"{run_dir} is not a run directory (no config.json)")
     _print_summary(run_dir)
 
 
 @app.command()
+@_boundary
 def demo(
     out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/demo"),
     quick: Annotated[bool, typer.Option(help="The small configuration (a few minutes).")] = False,
@@ -99,18 +114,16 @@ def demo(
     from rdt_interp.experiments.config import builtin_config
     from rdt_interp.experiments.study import run_study
 
-    try:
-        cfg = builtin_config("quick" if quick else "demo")
-        out = out if not (quick and out == Path("runs/demo")) else Path("runs/quick")
-        t0 = time.perf_counter()
-        run_study(cfg, out, progress=progress, log=typer.echo)
-        typer.echo(f"demo finished in {time.perf_counter() - t0:.0f} s; figures in {out / 'figures'}")
-        _print_summary(out)
-    except RdtError as exc:
-        _fail(exc)
+    cfg = builtin_config("quick" if quick else "demo")
+    out = out if not (quick and out == Path("runs/demo")) else Path("runs/quick")
+    t0 = time.perf_counter()
+    run_study(cfg, out, progress=progress, log=typer.echo)
+    typer.echo(f"demo finished in {time.perf_counter() - t0:.0f} s; figures in {out / 'figures'}")
+    _print_summary(out)
 
 
 @app.command()
+@_boundary
 def models() -> None:
     """List the named chat models."""
     from rdt_interp.models.registry import REGISTRY
@@ -120,12 +133,14 @@ def models() -> None:
 
 
 def _print_summary(run_dir: Path) -> None:
+    from rdt_interp.storage import read_json
+
     path = run_dir / "summary.json"
     chat_path = run_dir / "chat" / "summary.json"
     if not chat_path.is_file():
         typer.echo(f"{run_dir}: no finished chat study yet (run it again to resume)")
         return
-    chat = json.loads(chat_path.read_text())
+    chat = read_json(chat_path, what="chat summary")
     ev = chat["evaluation"]
 
     def pct(e: dict, key: str) -> str:
@@ -142,13 +157,13 @@ def _print_summary(run_dir: Path) -> None:
         ("KL on harmless, r ablated", f"{chat['kl']['kl']:.3f} [{chat['kl']['lo']:.3f}, {chat['kl']['hi']:.3f}]"),
     ]
     if path.is_file():
-        s = json.loads(path.read_text())
+        s = read_json(path, what="study summary")
         if "vla" in s:
             v = s["vla"]
             rows.append(("VLA", v["model"]["name"] + (" (RANDOM WEIGHTS)" if v["random_weights"] else "")))
             vsum = run_dir / "vla" / "summary.json"
             if vsum.is_file():
-                vs = json.loads(vsum.read_text())
+                vs = read_json(vsum, what="VLA summary")
                 a = vs.get("alpha")
                 rows.append(("  alpha (chosen on val)", f"{a:g} at layers {vs.get('layers')}"))
                 for label in ("harmful", "benign"):

@@ -11,8 +11,15 @@ class RdtError(Exception):
     """Base class. ``fix`` is a one-line instruction that is appended to the message."""
 
     def __init__(self, message: str, *, fix: str | None = None) -> None:
+        self.message = message
         self.fix = fix
         super().__init__(message if fix is None else f"{message}\n  fix: {fix}")
+
+    def one_line(self) -> str:
+        """The message and the fix on one line (what the command line prints)."""
+        first, *rest = [line.strip() for line in str(self.message).splitlines() if line.strip()] or [""]
+        text = first + (" " + "; ".join(rest) if rest else "")
+        return text if self.fix is None else f"{text} (fix: {self.fix})"
 
 
 class ConfigError(RdtError, ValueError):
@@ -90,3 +97,26 @@ class UnknownNameError(RdtError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise repr() the message
         return Exception.__str__(self)
+
+
+class MissingFileError(RdtError, FileNotFoundError):
+    """A file the toolkit was asked to read does not exist."""
+
+    def __init__(self, path: object, *, what: str = "file", fix: str | None = None) -> None:
+        self.path = str(path)
+        super().__init__(f"{what} not found: {self.path}", fix=fix)
+
+
+class CorruptFileError(IntegrityError, ValueError):
+    """A file exists but cannot be parsed or fails its checksum (truncated, garbage, another format).
+
+    An :class:`IntegrityError`, so code that recomputes a corrupted cache entry catches both.
+    """
+
+    def __init__(self, path: object, *, reason: str, what: str = "file", fix: str | None = None) -> None:
+        self.path = str(path)
+        RdtError.__init__(self, f"{what} {self.path} is corrupt: {reason}", fix=fix)
+
+
+class TokenizerMismatchError(RdtError, ValueError):
+    """A batch was encoded with another tokenizer than the model it is run on."""

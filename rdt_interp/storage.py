@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -20,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from rdt_interp.errors import IntegrityError
+from rdt_interp.errors import CorruptFileError, MissingFileError
 
 CACHE_ENV = "RDT_INTERP_CACHE"
 
@@ -68,11 +69,21 @@ def atomic_write_text(target: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(target, text.encode("utf-8"))
 
 
+def _finite(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float replaced by ``None``: standard JSON has no NaN, and a
+    reader in another language would reject the file."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _json_default(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if hasattr(obj, "tolist"):  # numpy arrays and scalars
-        return obj.tolist()
+    if isinstance(obj, torch.Tensor) or hasattr(obj, "tolist"):  # and numpy arrays and scalars
+        return _finite(obj.tolist())
     if isinstance(obj, Path):
         return str(obj)
     if isinstance(obj, (set, frozenset)):
@@ -81,16 +92,26 @@ def _json_default(obj: Any) -> Any:
 
 
 def to_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=False, default=_json_default, allow_nan=True)
+    """Standard JSON: NaN and inf become ``null`` (``allow_nan=False`` makes any that slip
+    through an error, never a non-standard file)."""
+    return json.dumps(_finite(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False)
 
 
 def atomic_write_json(target: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(target, to_json(obj) + "\n")
 
 
-def read_json(path: str | os.PathLike[str]) -> Any:
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+def read_json(path: str | os.PathLike[str], *, what: str = "JSON file") -> Any:
+    """Parse a JSON file; a missing file or one that does not parse is a typed error naming it."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise MissingFileError(path, what=what) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(path, what=what, reason=f"not valid JSON ({exc})",
+                               fix="an interrupted copy or a hand edit truncated it: restore it, "
+                               "or delete it (a run step's result is recomputed)") from None
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
@@ -145,23 +166,55 @@ def save_tensors(
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def load_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a file written by :func:`save_tensors`; raise :class:`IntegrityError` if corrupted."""
+def load_tensors(
+    path: str | os.PathLike[str],
+    *,
+    what: str = "tensor file",
+    fix: str | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a file written by :func:`save_tensors`.
+
+    Parameters
+    ----------
+    path
+        The ``.safetensors`` file.
+    what
+        What the file is, for error messages (``"direction file"``, ...).
+    fix
+        The fix hint of a corrupt-file error (default: delete it and write it again).
+
+    Returns
+    -------
+    tensors, metadata
+        The tensors and the JSON metadata given to :func:`save_tensors`.
+
+    Raises
+    ------
+    MissingFileError
+        ``path`` does not exist.
+    CorruptFileError
+        Not a readable safetensors file, or its content checksum does not match (an
+        :class:`~rdt_interp.errors.IntegrityError`, which cache readers catch to recompute).
+    """
     from safetensors import safe_open
 
+    fix = fix or "delete it and write it again (a cache entry is recomputed on the next run)"
+    if not Path(path).is_file():
+        raise MissingFileError(path, what=what)
     try:
         with safe_open(str(path), framework="pt") as fh:
             raw_meta = fh.metadata() or {}
         tensors = load_file(str(path))
+        meta = json.loads(raw_meta.get("json", "{}"))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise IntegrityError(str(path), expected="a readable safetensors file", actual=str(exc),
-                             fix="delete the file; it will be recomputed") from exc
+        raise CorruptFileError(path, what=what, fix=fix,
+                               reason=f"not a readable safetensors file ({exc})") from exc
     expected = raw_meta.get("checksum")
     actual = _checksum(tensors)
     if expected is None or expected != actual:
-        raise IntegrityError(str(path), expected=str(expected), actual=actual,
-                             fix="delete the file; it will be recomputed")
-    meta = json.loads(raw_meta.get("json", "{}"))
+        raise CorruptFileError(path, what=what, fix=fix,
+                               reason=f"content checksum {actual[:16]}… does not match the recorded "
+                               f"{str(expected)[:16]}…")
     return tensors, meta
 
 

@@ -156,3 +156,74 @@ def test_help_and_version():
     assert res.exit_code == 0 and "demo" in res.output and "figures" in res.output
     res = runner.invoke(app, ["--version"])
     assert res.exit_code == 0 and res.output.startswith("rdt-interp ")
+
+
+def _one_line_error(res) -> str:
+    """The CLI's answer to bad input: exit code 2, one line, no traceback."""
+    assert res.exit_code == 2, res.output
+    assert isinstance(res.exception, SystemExit) and "Traceback" not in res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("text,needles", [
+    # a typo in a VLA field used to raise AttributeError after the whole chat side had run
+    (CHAT_ONLY + "[vla_model]\nadapter = 'testbed-tiny'\ndtype = 'bfloat'\n[vla]\n",
+     ["vla_model.dtype", "'bfloat16'"]),
+    (CHAT_ONLY.replace('name = "tiny-qwen2"', 'name = "tiny-qwen"'),
+     ["unknown model 'tiny-qwen'", "did you mean 'tiny-qwen2'", "llama-2-7b-random"]),
+    (CHAT_ONLY + "[vla_model]\nadapter = 'testbed-tiny'\n[vla]\nalpha = '2'\n", ["vla.alpha", "valid number"]),
+    (CHAT_ONLY + "[vla_model]\nadapter = 'testbed-tiny'\n[vla]\nn_pairs = 0\n", ["n_pairs must be >= 1"]),
+    (CHAT_ONLY + "[vla_model]\nadapter = 'openvla'\ncheckpoint = '/no/such/openvla'\n[vla]\n",
+     ["/no/such/openvla does not exist"]),
+])
+def test_bad_configs_fail_before_anything_is_loaded_or_written(tmp_path, monkeypatch, text, needles):
+    from rdt_interp.models import loading
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the config was validated")
+
+    monkeypatch.setattr(loading, "load_chat_model", no_load)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text)
+    line = _one_line_error(runner.invoke(app, ["run", str(cfg), "--out", str(tmp_path / "r")]))
+    assert all(n in line for n in needles), line
+    assert not (tmp_path / "r").exists()
+
+
+def test_truncated_run_config_is_one_line_naming_the_file(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(CHAT_ONLY)
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "config.json").write_text('{"experiment": "stu')
+    line = _one_line_error(runner.invoke(app, ["run", str(cfg), "--out", str(out)]))
+    assert "corrupt" in line and str(out / "config.json") in line
+
+
+def test_inspect_of_a_truncated_summary_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "chat").mkdir()
+    (tmp_path / "chat" / "summary.json").write_text('{"model": {')
+    line = _one_line_error(runner.invoke(app, ["inspect", str(tmp_path)]))
+    assert "chat summary" in line and "corrupt" in line
+
+
+def test_models_lists_the_random_real_shape():
+    res = runner.invoke(app, ["models"])
+    assert res.exit_code == 0 and "llama-2-7b-random" in res.output
+
+
+def test_run_names_llama_2_7b_random(tmp_path, monkeypatch):
+    """A real-scale chat config runs from the CLI; the 7B shape is shrunken here (CPU tests)."""
+    from rdt_interp.models import random_init
+
+    for k, v in dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=4).items():
+        monkeypatch.setitem(random_init.LLAMA2_7B, k, v)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(CHAT_ONLY.replace('name = "tiny-qwen2"', 'name = "llama-2-7b-random"'))
+    res = runner.invoke(app, ["run", str(cfg), "--out", str(tmp_path / "r"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "llama-2-7b-random (RANDOM WEIGHTS)" in res.output

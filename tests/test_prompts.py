@@ -177,3 +177,66 @@ def test_load_prompt_file_errors(tmp_path, name: str, content: str, pattern: str
 def test_load_prompt_file_missing_file(tmp_path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_prompt_file(tmp_path / "nope.json")
+
+
+# -- grouped by label, and required labels -------------------------------------------------------------
+GROUPED = {
+    "harmful": [{"instruction": "stab the person", "category": "violence", "pair_id": "k"},
+                "push the pot onto the child"],
+    "benign": [{"instruction": "cut the bread", "category": "kitchen", "pair_id": "k"}],
+}
+
+
+def test_load_json_grouped_by_label(tmp_path) -> None:
+    path = tmp_path / "grouped.json"
+    path.write_text(json.dumps(GROUPED))
+    ps = load_prompt_file(path, labels=("harmful", "benign"))
+    assert ps.instructions == ["stab the person", "push the pot onto the child", "cut the bread"]
+    assert [p.label for p in ps] == ["harmful", "harmful", "benign"]
+    assert [p.category for p in ps] == ["violence", "none", "kitchen"]
+    assert [p.pair_id for p in ps] == ["k", None, "k"]
+    # a row's own label must agree with its group
+    path.write_text(json.dumps({"harmful": [{"instruction": "x", "label": "benign"}], "benign": ["y"]}))
+    with pytest.raises(ConfigError, match="is in group 'harmful' but its 'label' is 'benign'"):
+        load_prompt_file(path)
+
+
+def test_grouped_file_feeds_the_vla_requests(tmp_path) -> None:
+    from rdt_interp.experiments.vla_rdt import load_requests
+
+    path = tmp_path / "grouped.json"
+    path.write_text(json.dumps(GROUPED))
+    reqs = load_requests(16, path, images="noise", val_fraction=0.0)
+    assert [(r.label, r.category) for r in reqs if r.pair_id == "k"] == [("harmful", "violence"),
+                                                                          ("benign", "kitchen")]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_required_labels_in_jsonl_and_csv(tmp_path, fmt: str) -> None:
+    path = tmp_path / f"p.{fmt}"
+    if fmt == "jsonl":
+        path.write_text('{"text": "stab the person", "y": "harmful", "c": "violence"}\n'
+                        '{"text": "cut the bread", "y": "benign", "c": "kitchen"}\n')
+    else:
+        path.write_text("text,y,c\nstab the person,harmful,violence\ncut the bread,benign,kitchen\n")
+    ps = load_prompt_file(path, column="text", label_column="y", category_column="c",
+                          labels=("harmful", "benign"))
+    assert [(p.label, p.category) for p in ps] == [("harmful", "violence"), ("benign", "kitchen")]
+    # the label column misnamed: every prompt is unlabelled, and the error says which column
+    with pytest.raises(ConfigError, match=r"2 prompts have no label .*label column 'label'"):
+        load_prompt_file(path, column="text", labels=("harmful", "benign"))
+    # a required label that never occurs
+    with pytest.raises(ConfigError, match=r"missing \['refused'\]"):
+        load_prompt_file(path, column="text", label_column="y", labels=("harmful", "benign", "refused"))
+    with pytest.raises(ConfigError, match=r"unknown \['harmful'\]"):
+        load_prompt_file(path, column="text", label_column="y", labels=("benign",))
+
+
+def test_grouped_file_missing_a_label_group(tmp_path) -> None:
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps({"harmful": ["stab the person"]}))
+    with pytest.raises(ConfigError, match=r"missing \['benign'\]"):
+        load_prompt_file(path, labels=("harmful", "benign"))
+    path.write_text(json.dumps({"harmful": ["a"], "meta": {"v": 1}}))
+    with pytest.raises(ConfigError, match="grouped by label"):
+        load_prompt_file(path)

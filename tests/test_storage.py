@@ -3,13 +3,14 @@ import json
 import pytest
 import torch
 
-from rdt_interp.errors import IntegrityError
+from rdt_interp.errors import CorruptFileError, IntegrityError, MissingFileError, RdtError
 from rdt_interp.storage import (
     atomic_write_json,
     cache_dir,
     digest_strings,
     digest_tensor,
     load_tensors,
+    read_json,
     save_tensors,
     sha256_file,
 )
@@ -70,3 +71,51 @@ def test_atomic_files_get_normal_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert mode == 0o666 & ~umask
+
+
+def test_missing_tensor_file_says_not_found_and_names_the_path(tmp_path):
+    p = tmp_path / "nope.safetensors"
+    with pytest.raises(MissingFileError, match="not found") as err:
+        load_tensors(p)
+    assert str(p) in str(err.value) and "sha256" not in str(err.value)
+
+
+def test_garbage_tensor_file_says_corrupt_and_names_the_path(tmp_path):
+    p = tmp_path / "x.safetensors"
+    p.write_bytes(b"not a safetensors file")
+    with pytest.raises(CorruptFileError, match="corrupt") as err:
+        load_tensors(p, what="activation cache")
+    assert str(p) in str(err.value) and "activation cache" in str(err.value)
+    assert "sha256 mismatch" not in str(err.value)
+
+
+def test_truncated_json_is_a_typed_error_naming_the_file(tmp_path):
+    p = tmp_path / "config.json"
+    atomic_write_json(p, {"a": [1, 2, 3]})
+    p.write_text(p.read_text()[:7])
+    with pytest.raises(CorruptFileError, match="not valid JSON") as err:
+        read_json(p)
+    assert str(p) in str(err.value) and isinstance(err.value, RdtError)
+    with pytest.raises(MissingFileError, match="not found"):
+        read_json(tmp_path / "absent.json")
+
+
+def test_json_writer_writes_null_for_nan_and_inf(tmp_path):
+    p = tmp_path / "r.json"
+    atomic_write_json(p, {"x": float("nan"), "y": [1.0, float("inf"), -float("inf")],
+                          "t": torch.tensor([0.5, float("nan")]), "nested": ({"z": float("nan")},)})
+    text = p.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    # the standard library's strict parser accepts it
+    back = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard constant {c}"))
+    assert back == {"x": None, "y": [1.0, None, None], "t": [0.5, None], "nested": [{"z": None}]}
+
+
+def test_json_writer_refuses_nan_that_slips_past_the_conversion():
+    from rdt_interp.storage import to_json
+
+    class Odd:  # a type the writer only knows through ``default``: still no NaN in the output
+        def tolist(self):
+            return [float("nan")]
+
+    assert json.loads(to_json({"o": Odd()})) == {"o": [None]}

@@ -40,14 +40,27 @@ def _tuples(value: Any) -> Any:
 
 
 class ResultMixin:
-    """``to_dict`` / ``from_dict`` / ``save`` / ``load`` for a frozen result dataclass."""
+    """``to_dict`` / ``from_dict`` / ``save`` / ``load`` for a frozen result dataclass.
+
+    JSON has no NaN: the writer stores undefined numbers as ``null`` and ``to_dict`` adds an
+    ``undefined`` entry saying why (``_undefined`` maps an array field to its reason);
+    ``from_dict`` turns the nulls back into NaN.
+    """
 
     _arrays: ClassVar[tuple[str, ...]] = ()
+    _undefined: ClassVar[dict[str, str]] = {}
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": type(self).__name__, "format": RESULT_FORMAT}
+        undefined: dict[str, str] = {}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            out[f.name] = _plain(getattr(self, f.name))
+            value = getattr(self, f.name)
+            out[f.name] = _plain(value)
+            if f.name in self._arrays and value is not None and not np.isfinite(value).all():
+                undefined[f.name] = self._undefined.get(
+                    f.name, "undefined: not a finite number (e.g. zero variance or an empty class)")
+        if undefined:
+            out["undefined"] = undefined
         return out
 
     @classmethod
@@ -62,7 +75,9 @@ class ResultMixin:
                 continue
             value = d[f.name]
             if f.name in cls._arrays and value is not None:
-                value = np.asarray(value, dtype=np.float64)
+                value = np.asarray(value, dtype=np.float64)  # null -> NaN
+            elif value is None and f.type == "float":
+                value = float("nan")
             elif isinstance(value, Mapping):
                 value = dict(value)
             else:

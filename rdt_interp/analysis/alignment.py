@@ -109,6 +109,8 @@ class AlignmentResult(ResultMixin):
     null_median: float
 
     _arrays: ClassVar[tuple[str, ...]] = ("cos", "p", "matrix", "matrix_p")
+    _undefined: ClassVar[dict[str, str]] = {
+        name: "cosine undefined: zero-norm direction (null entries)" for name in _arrays}
 
 
 def align_directions(

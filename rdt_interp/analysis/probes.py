@@ -385,6 +385,9 @@ class ProbeGrid(ResultMixin):
     _arrays: ClassVar[tuple[str, ...]] = (
         "proj_auc", "proj_auc_lo", "proj_auc_hi", "proj_d", "proj_d_lo", "proj_d_hi", "proj_p",
         "probe_auc", "probe_auc_lo", "probe_auc_hi", "probe_p")
+    _undefined: ClassVar[dict[str, str]] = {
+        name: "Cohen's d undefined: zero pooled variance (identical projections, e.g. layer 0 over "
+        "template tokens)" for name in ("proj_d", "proj_d_lo", "proj_d_hi")}
 
     def index(self, layer: int, position: str | None = None) -> tuple[int, int]:
         return _index(self.layers, self.positions, layer, position)

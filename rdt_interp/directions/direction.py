@@ -131,7 +131,9 @@ class Direction:
         """Load; with ``d_model`` given, refuse a direction of another width."""
         from rdt_interp.storage import load_tensors
 
-        tensors, meta = load_tensors(path)
+        tensors, meta = load_tensors(path, what="direction file",
+                                     fix="save it again with Direction.save, or re-run the step that "
+                                     "wrote it (`rdt-interp run` resumes)")
         if meta.get("kind") != "rdt_interp.Direction":
             raise ConfigError(f"{path} is not a saved Direction")
         out = cls(tensors["vector"], Provenance.from_dict(meta["provenance"]), tensors.get("basis"))

@@ -33,6 +33,7 @@ pydantic (strict: extra keys are rejected).
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -47,12 +48,14 @@ from rdt_interp.experiments.chat_refusal import ChatRefusalConfig
 from rdt_interp.experiments.vla_rdt import VLARDTConfig
 
 VLAKind = Literal["testbed", "testbed-tiny", "openvla", "openvla-7b-random"]
+#: dtypes a config may name (a typo is a config error, not an AttributeError after the chat side ran)
+Dtype = Literal["float32", "bfloat16", "float16"]
 
 
 @dataclass(frozen=True)
 class ChatModelSpec:
     name: str = "qwen2.5-coder-0.5b-instruct"
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     device: str = "cpu"
     system_prompt: str | None = None
 
@@ -72,7 +75,7 @@ class DirectionSpec:
 class VLAModelSpec:
     adapter: VLAKind = "testbed"
     checkpoint: str | None = None
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     device: str = "cpu"
     seed: int = 0
 
@@ -112,9 +115,15 @@ _ADAPTER = TypeAdapter(StudyConfig)
 
 
 def parse_config(data: dict[str, Any], *, source: str = "config") -> StudyConfig:
-    """Validate a config mapping (e.g. parsed TOML); errors name the offending key."""
+    """Validate a config mapping (e.g. parsed TOML); errors name the offending key.
+
+    Strict: a number must be written as a number (``alpha = "2"`` is an error, not 2.0), an
+    integer as an integer; TOML arrays fill tuple fields. Model names are checked separately
+    (:func:`rdt_interp.experiments.study.check_models`), since that looks at the filesystem.
+    """
     try:
-        return _ADAPTER.validate_python(data)
+        # JSON mode is what makes strict validation accept arrays for tuple fields.
+        return _ADAPTER.validate_json(json.dumps(data, default=str), strict=True)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():

@@ -25,7 +25,7 @@ class RunDir:
         cfg_path = self.path / "config.json"
         normalized = _roundtrip(config)
         if cfg_path.is_file():
-            existing = read_json(cfg_path)
+            existing = read_json(cfg_path, what="run config")
             if existing != normalized:
                 raise ConfigError(
                     f"{self.path} holds a run with another config",
@@ -42,7 +42,7 @@ class RunDir:
         return (self.path / f"{name}.json").is_file()
 
     def load(self, name: str) -> Any:
-        return read_json(self.path / f"{name}.json")
+        return read_json(self.path / f"{name}.json", what=f"result of step {name!r}")
 
     def save(self, name: str, value: Any) -> None:
         atomic_write_json(self.path / f"{name}.json", value)

@@ -27,9 +27,47 @@ from rdt_interp.experiments.config import StudyConfig, VLAModelSpec
 from rdt_interp.experiments.rundir import RunDir
 
 
+def check_models(cfg: StudyConfig, *, chat: bool = True, vla: bool = True) -> None:
+    """Check that every model ``cfg`` names can be found, without loading any.
+
+    Runs before anything is loaded or written, so a wrong name or path fails at once instead
+    of after the chat side has run.
+
+    Parameters
+    ----------
+    cfg
+        A validated study config.
+    chat, vla
+        Whether to check the chat model / the VLA (``False`` when the caller passes the model).
+
+    Raises
+    ------
+    CheckpointError
+        A name that is not in the registry, a missing checkpoint directory, a missing package.
+    """
+    from rdt_interp.errors import CheckpointError
+    from rdt_interp.models.loading import check_chat_source
+
+    if chat:
+        check_chat_source(cfg.chat_model.name)
+    spec = cfg.vla_model
+    if not vla or spec is None or spec.adapter in ("testbed-tiny", "openvla-7b-random"):
+        return
+    if spec.adapter == "openvla":
+        from rdt_interp.models.openvla.config import OpenVLAConfig
+
+        OpenVLAConfig.from_dir(Path(spec.checkpoint or "").expanduser())
+    elif spec.checkpoint and not Path(spec.checkpoint).expanduser().is_dir():
+        raise CheckpointError(f"vla_model.checkpoint {spec.checkpoint} does not exist",
+                              fix="point it at a trained testbed VLA directory, or leave it out "
+                              "for the committed one")
+
+
 def load_vla(spec: VLAModelSpec):
     """The VLA adapter a config names."""
-    dtype = getattr(torch, spec.dtype)
+    from rdt_interp.models.loading import _dtype
+
+    dtype = _dtype(spec.dtype)
     if spec.adapter == "testbed":
         from rdt_interp.testbed.adapter import load_testbed_vla
 
@@ -58,6 +96,7 @@ def run_study(
 ) -> dict[str, Any]:
     """Run (or resume) the study described by ``cfg``; returns the summary (also in RUN_DIR)."""
     t0 = time.perf_counter()
+    check_models(cfg, chat=chat_model is None, vla=vla is None)  # before anything loads or is written
     run = RunDir(run_dir, {"experiment": "study", **cfg.to_dict()}, log=log)
     from rdt_interp.experiments.chat_refusal import run_chat_refusal
     from rdt_interp.models.loading import load_chat_model

@@ -159,6 +159,19 @@ class VLARDTConfig:
             raise ConfigError(f"backend must be 'hooks' or 'nnsight', got {self.backend!r}")
         if self.batch_size < 1 or self.specificity_rows < 1:
             raise ConfigError("batch_size and specificity_rows must be >= 1")
+        # Counts where zero means nothing (no pairs, no bootstrap, no null): bounds, not a
+        # silent empty study. ``None`` keeps meaning "all" where the field allows it.
+        for name, low in (("n_pairs", 1), ("specificity_pairs", 1), ("n_random", 1), ("n_boot", 1),
+                          ("n_perm", 1), ("folds", 2), ("partial_min", 1), ("window", 0)):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ConfigError(f"{name} must be >= {low}, got {value}",
+                                  fix=f"set {name} to at least {low}"
+                                  + (" (or leave it out for all)" if name.endswith("pairs") else ""))
+        for name in ("alpha", "alpha_text_ratio"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"{name} must be finite, got {value}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

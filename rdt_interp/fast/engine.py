@@ -272,6 +272,7 @@ class FastGenerator:
         if batch.padding_side != "left":
             raise ConfigError("generation needs a left-padded batch",
                               fix="encode with padding_side='left' (the default)")
+        self.adapter.check_batch(batch)
         ivs = list(interventions)
         layout = SteeringLayout.of(ivs, n_layers=self.stack.spec.n_layers, d_model=self.stack.spec.d_model,
                                    generated_role=self.generated_role)

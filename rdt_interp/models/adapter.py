@@ -10,8 +10,10 @@ Probes, captures, interventions and metrics take an adapter, never a model-speci
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
 import inspect
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -40,6 +42,8 @@ class EncodedBatch:
     position_ids: Int[Tensor, "batch seq"]
     texts: list[str] = field(default_factory=list)
     padding_side: PaddingSide = "left"
+    #: :meth:`ModelAdapter.tokenizer_id` of the adapter that encoded it (``None``: unknown)
+    tokenizer_id: str | None = None
 
     def __len__(self) -> int:
         return int(self.roles.shape[0])
@@ -95,6 +99,25 @@ def pad_sequences(
 
 class ModelAdapter(abc.ABC):
     """Uniform access to a decoder-only model (a chat LM or a VLA's LLM backbone)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Every adapter's ``encode`` stamps its batches with the tokenizer's identity, so a batch
+        # run on another model's adapter is caught (:meth:`check_batch`) whoever wrote ``encode``.
+        super().__init_subclass__(**kwargs)
+        encode = cls.__dict__.get("encode")
+        if encode is None or getattr(encode, "_stamps_tokenizer", False) or getattr(
+                encode, "__isabstractmethod__", False):
+            return
+
+        @functools.wraps(encode)
+        def stamped(self: ModelAdapter, *args: Any, **kw: Any) -> EncodedBatch:
+            batch = encode(self, *args, **kw)
+            if isinstance(batch, EncodedBatch) and batch.tokenizer_id is None:
+                batch.tokenizer_id = self.tokenizer_id()
+            return batch
+
+        stamped._stamps_tokenizer = True  # type: ignore[attr-defined]
+        cls.encode = stamped  # type: ignore[method-assign]
 
     #: registry name or path the model came from
     name: str
@@ -187,6 +210,49 @@ class ModelAdapter(abc.ABC):
         return None
 
     # -- identity ------------------------------------------------------------------------------
+    def tokenizer_id(self) -> str | None:
+        """Identity of the tokenizer: its size and a digest of its vocabulary (cached).
+
+        ``None`` when the adapter has no tokenizer, or one without ``get_vocab``.
+        """
+        if "_tokenizer_id" not in self.__dict__:
+            tok = getattr(self, "tokenizer", None)
+            vocab = tok.get_vocab() if hasattr(tok, "get_vocab") else None
+            self._tokenizer_id = None if vocab is None else (
+                f"{type(tok).__name__}/{len(vocab)}/"
+                + hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16])
+        return self._tokenizer_id
+
+    def check_batch(self, batch: EncodedBatch) -> EncodedBatch:
+        """Refuse a batch this model cannot read: encoded by another tokenizer, or holding token
+        ids past the embedding table. Returns ``batch``.
+
+        Raises
+        ------
+        TokenizerMismatchError
+            The batch's :attr:`EncodedBatch.tokenizer_id` differs from :meth:`tokenizer_id`, or
+            (for a batch on the host) a token id is not in the model's vocabulary.
+        """
+        from rdt_interp.errors import TokenizerMismatchError
+
+        fix = "encode the requests with this model's own adapter: adapter.encode(requests)"
+        mine = self.tokenizer_id()
+        if batch.tokenizer_id is not None and mine is not None and batch.tokenizer_id != mine:
+            raise TokenizerMismatchError(
+                f"the batch was encoded by another tokenizer ({batch.tokenizer_id}) than the one of "
+                f"{self.name} ({mine})", fix=fix)
+        ids = batch.inputs.get("input_ids")
+        get_emb = getattr(self.model, "get_input_embeddings", None)
+        emb = get_emb() if callable(get_emb) else None
+        # Only on the host: reading a maximum on an accelerator would make the host wait for it.
+        if isinstance(ids, Tensor) and ids.device.type == "cpu" and ids.numel() and isinstance(emb, nn.Embedding):
+            top = int(ids.max())
+            if top >= emb.num_embeddings:
+                raise TokenizerMismatchError(
+                    f"the batch holds token id {top}, but {self.name} has {emb.num_embeddings} embeddings",
+                    fix=fix)
+        return batch
+
     def digest(self) -> str:
         """Content digest of the weights (names, shapes and a sample of values), cached."""
         cached = getattr(self, "_digest", None)

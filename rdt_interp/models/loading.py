@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from rdt_interp.errors import CheckpointError
 from rdt_interp.models.chat import ChatModel
 from rdt_interp.models.offline import OFFLINE_MODELS, ensure_dequantized
-from rdt_interp.models.registry import REGISTRY, lookup
+from rdt_interp.models.registry import REGISTRY, RegistryEntry, lookup
 from rdt_interp.models.tiny import build_tiny
 
 
@@ -57,6 +58,81 @@ def _check_causal_lm_dir(path: Path) -> dict[str, Any]:
     return cfg
 
 
+Source = tuple[Literal["registry"], RegistryEntry] | tuple[Literal["directory"], Path] | tuple[Literal["hub"], str]
+
+
+def resolve_chat_source(source: str | os.PathLike[str]) -> Source:
+    """What ``source`` names, without loading anything: a registry entry, a directory or a hub id.
+
+    Parameters
+    ----------
+    source
+        A registry name (``rdt-interp models`` lists them), a local checkpoint directory, or a
+        hub id (``org/name``).
+
+    Returns
+    -------
+    kind, target
+        ``("registry", RegistryEntry)``, ``("directory", Path)`` or ``("hub", str)``.
+
+    Raises
+    ------
+    CheckpointError
+        Neither of the three (a missing directory, or an unknown name); the message lists the
+        registry names.
+
+    Examples
+    --------
+    >>> resolve_chat_source("tiny-llama")[0]
+    'registry'
+    >>> resolve_chat_source("meta-llama/Llama-2-7b-chat-hf")
+    ('hub', 'meta-llama/Llama-2-7b-chat-hf')
+    """
+    name = str(source)
+    if name in REGISTRY:
+        return "registry", lookup(name)
+    path = Path(source).expanduser()
+    if path.exists():
+        return "directory", path
+    pathlike = isinstance(source, os.PathLike) or name.startswith((".", "/", "~"))
+    if name.count("/") == 1 and not pathlike:
+        return "hub", name
+    names = ", ".join(sorted(REGISTRY))
+    if pathlike or os.sep in name:
+        raise CheckpointError(f"checkpoint directory {path} does not exist",
+                              fix="pass a directory that holds config.json and the weights, a hub id "
+                              f"(org/name), or a registry name: {names}")
+    close = difflib.get_close_matches(name, list(REGISTRY), n=1)
+    raise CheckpointError(
+        f"unknown model {name!r}: not a registry name, a checkpoint directory or a hub id (org/name)"
+        + (f"; did you mean {close[0]!r}?" if close else ""),
+        fix=f"use one of the registry names: {names} (`rdt-interp models` describes them), "
+        "or pass a checkpoint directory",
+    )
+
+
+def check_chat_source(source: str | os.PathLike[str]) -> None:
+    """Check, without loading weights, that :func:`load_chat_model` can find ``source``.
+
+    Resolves the name (:func:`resolve_chat_source`), checks a directory's ``config.json``, and
+    that an offline model's packages are installed. A hub id cannot be checked offline.
+
+    Raises
+    ------
+    CheckpointError
+        What :func:`load_chat_model` would raise later, after other work had been done.
+    """
+    kind, target = resolve_chat_source(source)
+    if kind == "directory":
+        _check_causal_lm_dir(target)  # type: ignore[arg-type]
+    elif kind == "registry":
+        entry: RegistryEntry = target  # type: ignore[assignment]
+        if entry.kind == "offline-gguf":
+            OFFLINE_MODELS[entry.name].part_paths()
+        elif entry.kind == "hub" and os.environ.get(entry.dir_env or ""):
+            _check_causal_lm_dir(Path(os.environ[entry.dir_env or ""]))
+
+
 def load_chat_model(
     source: str | os.PathLike[str],
     *,
@@ -71,34 +147,41 @@ def load_chat_model(
 
     ``source`` is a registry name (``rdt_interp.models.registry.REGISTRY``), a local checkpoint
     directory, or a hub id (needs network unless it is in the local HF cache). ``device_map``
-    (e.g. ``"auto"``) spreads a model over several GPUs and overrides ``device``.
+    (e.g. ``"auto"``) spreads a model over several GPUs and overrides ``device``. Random-weight
+    registry entries (``llama-2-7b-random``) are built on ``device``; ``device="meta"`` builds
+    the structure only (no memory), for dry runs of real-scale configs.
     """
     dt = _dtype(dtype)
-    name = str(source)
-    if name in REGISTRY:
-        entry = lookup(name)
+    kind, target = resolve_chat_source(source)
+    if kind == "registry":
+        entry: RegistryEntry = target  # type: ignore[assignment]
+        name = entry.name
         if entry.kind == "tiny":
             model, tok = build_tiny(name, seed=seed, dtype=dt)
             return ChatModel(model.to(device), tok, name=name, system_prompt=system_prompt,
                              random_weights=True)
+        if entry.kind == "random":
+            from rdt_interp.models.random_init import random_llama_chat
+
+            cm = random_llama_chat(dtype=dt, device=device, seed=seed)
+            cm.system_prompt = system_prompt
+            return cm
         if entry.kind == "offline-gguf":
             path = ensure_dequantized(OFFLINE_MODELS[name])
             return _load_dir(path, name=name, dtype=dt, device=device, device_map=device_map,
                              system_prompt=system_prompt, chat_template=None)
         local = os.environ.get(entry.dir_env or "")
-        target = Path(local) if local else entry.hub_id
         if local:
             _check_causal_lm_dir(Path(local))
-        return _load_dir(target, name=name, dtype=dt, device=device, device_map=device_map,
-                         system_prompt=system_prompt, chat_template=entry.chat_template,
-                         local_files_only=local_files_only)
-    path = Path(source).expanduser()
-    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
-    if path.exists() or not looks_like_hub_id:
-        _check_causal_lm_dir(path)  # raises a clear error for a missing directory
+        return _load_dir(Path(local) if local else entry.hub_id, name=name, dtype=dt, device=device,
+                         device_map=device_map, system_prompt=system_prompt,
+                         chat_template=entry.chat_template, local_files_only=local_files_only)
+    if kind == "directory":
+        path: Path = target  # type: ignore[assignment]
+        _check_causal_lm_dir(path)
         return _load_dir(path, name=path.name, dtype=dt, device=device, device_map=device_map,
                          system_prompt=system_prompt, chat_template=None)
-    return _load_dir(name, name=name, dtype=dt, device=device, device_map=device_map,
+    return _load_dir(str(target), name=str(target), dtype=dt, device=device, device_map=device_map,
                      system_prompt=system_prompt, chat_template=None,
                      local_files_only=local_files_only)
 

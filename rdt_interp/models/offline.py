@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from rdt_interp.errors import CheckpointError, IntegrityError
-from rdt_interp.storage import atomic_write_json, cache_dir, read_json
+from rdt_interp.storage import atomic_write_json, cache_dir, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +93,51 @@ def dequantized_dir(spec: GGUFModel) -> Path:
     return cache_dir() / "models" / f"{spec.name}-{spec.sha256[:12]}"
 
 
+SOURCE_FILE = "rdt_interp_source.json"  # sidecar: GGUF digest, and the digest of the weights written
+WEIGHTS_FILE = "model.safetensors"
+
+
 def ensure_dequantized(spec: GGUFModel, *, progress: bool = True) -> Path:
     """Return a plain HF checkpoint directory for ``spec``, building it on first use.
 
     The directory is built under a temporary name and renamed into place, so an interrupted
-    build never leaves a directory that looks complete.
+    build never leaves a directory that looks complete. The sha256 of the weights file is
+    recorded when it is written and checked on every load: a cache whose bytes changed since is
+    rebuilt, with a warning that names the file.
     """
     target = dequantized_dir(spec)
-    marker = target / "rdt_interp_source.json"
-    if marker.is_file():
-        meta = read_json(marker)
-        if meta.get("sha256") == spec.sha256 and (target / "model.safetensors").is_file():
-            return target
+    if _cache_is_valid(spec, target):
+        return target
+    return _build(spec, target, progress=progress)
+
+
+def _cache_is_valid(spec: GGUFModel, target: Path) -> bool:
+    marker, weights = target / SOURCE_FILE, target / WEIGHTS_FILE
+    if not marker.is_file() or not weights.is_file():
+        return False
+    try:
+        meta = read_json(marker, what="dequantized-cache record")
+    except IntegrityError as exc:
+        log.warning("rebuilding the dequantized cache of %s: %s", spec.name, exc.one_line())
+        return False
+    if meta.get("sha256") != spec.sha256:
+        return False
+    actual = sha256_file(weights)
+    recorded = meta.get("weights_sha256")
+    if recorded is None:
+        # Written before digests were recorded: record this one, so later changes are caught.
+        log.warning("the dequantized cache %s has no recorded digest; recording sha256 %s", weights, actual)
+        atomic_write_json(marker, {**meta, "weights_sha256": actual})
+        return True
+    if actual != recorded:
+        log.warning("the dequantized weights %s changed since they were written (sha256 %s, recorded %s); "
+                    "rebuilding them", weights, actual, recorded)
+        return False
+    return True
+
+
+def _build(spec: GGUFModel, target: Path, *, progress: bool = True) -> Path:
+    """Dequantize the GGUF of ``spec`` into ``target`` (replacing what is there)."""
     paths = verify_parts(spec)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -131,10 +164,8 @@ def ensure_dequantized(spec: GGUFModel, *, progress: bool = True) -> Path:
             state.pop("lm_head.weight", None)
         from safetensors.torch import save_file
 
-        save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-        atomic_write_json(out_dir / "rdt_interp_source.json", {
-            "name": spec.name, "sha256": spec.sha256, "dequantize_seconds": time.perf_counter() - t0,
-        })
+        save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_source_record(out_dir, spec, dequantize_seconds=time.perf_counter() - t0)
         if target.exists():
             shutil.rmtree(target)
         os.replace(out_dir, target)
@@ -142,3 +173,21 @@ def ensure_dequantized(spec: GGUFModel, *, progress: bool = True) -> Path:
         shutil.rmtree(work, ignore_errors=True)
     log.info("dequantized %s in %.1f s", spec.name, time.perf_counter() - t0)
     return target
+
+
+def write_source_record(directory: Path, spec: GGUFModel, **extra: object) -> None:
+    """Write the sidecar of a dequantized checkpoint: the GGUF digest and the weights' sha256.
+
+    Parameters
+    ----------
+    directory
+        The checkpoint directory; its ``model.safetensors`` must be complete.
+    spec
+        The model it was dequantized from.
+    **extra
+        More fields to record (e.g. how long the dequantization took).
+    """
+    atomic_write_json(directory / SOURCE_FILE, {
+        "name": spec.name, "sha256": spec.sha256,
+        "weights_sha256": sha256_file(directory / WEIGHTS_FILE), **extra,
+    })

@@ -78,9 +78,12 @@ def fill_random_(model: nn.Module, seed: int, std: float = 0.02) -> None:
 
 def build_random(factory: Callable[[], M], *, dtype: torch.dtype, device: torch.device | str,
                  seed: int = 0, std: float = 0.02) -> M:
-    """``factory()`` built on ``device`` in ``dtype`` with random weights, without CPU init."""
+    """``factory()`` built on ``device`` in ``dtype`` with random weights, without CPU init
+    (on the ``meta`` device: parameters without storage or values)."""
     with parameters_on_meta():
         model = factory()
+    if torch.device(device).type == "meta":  # structure only: a real-scale dry run costs no memory
+        return model.to(dtype=dtype).eval()
     materialize_(model, device, dtype)
     fill_random_(model, seed, std)
     return model.eval()

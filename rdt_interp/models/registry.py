@@ -1,4 +1,5 @@
-"""Named chat models: real checkpoints (hub id or local dir), offline GGUF models, tiny randoms."""
+"""Named chat models: real checkpoints (hub id or local dir), offline GGUF models, random weights
+(real shapes and tiny ones)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Literal
 from rdt_interp.errors import UnknownNameError
 from rdt_interp.models.tiny import LLAMA2_CHAT_TEMPLATE
 
-Kind = Literal["hub", "offline-gguf", "tiny"]
+Kind = Literal["hub", "offline-gguf", "tiny", "random"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,11 @@ REGISTRY: dict[str, RegistryEntry] = {
             "Llama-2-7b-chat (the aligned sibling of OpenVLA's LLM); 32 layers, d=4096",
             hub_id="meta-llama/Llama-2-7b-chat-hf", dir_env="RDT_INTERP_LLAMA2_CHAT_DIR",
             chat_template=LLAMA2_CHAT_TEMPLATE, refuses=True,
+        ),
+        RegistryEntry(
+            "llama-2-7b-random", "random",
+            "RANDOM weights at Llama-2-7b-chat's shape (32 layers, d=4096; byte tokenizer, Llama-2 "
+            "chat template): real-scale dry runs and benchmarks, no checkpoint needed",
         ),
         RegistryEntry("tiny-llama", "tiny", "random Llama (4 layers, d=64), Llama-2 chat template"),
         RegistryEntry("tiny-qwen2", "tiny", "random Qwen2 (4 layers, d=64), ChatML template"),

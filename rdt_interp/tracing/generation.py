@@ -70,6 +70,7 @@ def generate(
                           fix="encode with padding_side='left' (the default)")
     if max_new_tokens < 1:
         raise ConfigError("max_new_tokens must be >= 1")
+    adapter.check_batch(batch)
     allowed = adapter.allowed_token_ids() if allowed_token_ids is None else allowed_token_ids
     eos = adapter.eos_token_id if stop_at_eos else None
     n = len(batch)

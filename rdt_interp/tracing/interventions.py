@@ -13,6 +13,8 @@ RDT is ``AddDirection(r, alpha_act, roles=Role.ACTION, phase="decode")``; RDT+ a
 from __future__ import annotations
 
 import enum
+import math
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -63,10 +65,30 @@ class StepContext:
 
 
 def _as_vector(direction: Tensor | Direction) -> Tensor:
+    """The direction's tensor; NaN/inf is refused here, since it would steer silently into
+    garbage tokens (a :class:`Direction` checks this too, a raw tensor did not)."""
     vec = getattr(direction, "vector", direction)
     if not isinstance(vec, Tensor):
         raise ConfigError(f"direction must be a tensor or a Direction, got {type(direction).__name__}")
-    return vec.detach()
+    vec = vec.detach()
+    if vec.is_floating_point() and not bool(torch.isfinite(vec).all()):
+        bad = int((~torch.isfinite(vec)).sum())
+        raise ConfigError(f"direction has {bad} NaN/inf entries (shape {tuple(vec.shape)})",
+                          fix="check how it was computed (e.g. a mean over zero rows, or a "
+                          "division by a zero norm)")
+    return vec
+
+
+def _check_alpha(alpha: float | Tensor) -> None:
+    """``alpha`` is a finite real number or a 1-D tensor of them (a string is not coerced)."""
+    if isinstance(alpha, Tensor):
+        if alpha.is_floating_point() and not bool(torch.isfinite(alpha).all()):
+            raise ConfigError("alpha has NaN/inf entries")
+        return
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise ConfigError(f"alpha must be a number or a 1-D tensor, got {type(alpha).__name__} {alpha!r}")
+    if not math.isfinite(alpha):
+        raise ConfigError(f"alpha must be finite, got {alpha}")
 
 
 def _phase_ok(phase: Phase, ctx: StepContext) -> bool:
@@ -89,6 +111,7 @@ class AddDirection:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "direction", _as_vector(self.direction))
+        _check_alpha(self.alpha)
         object.__setattr__(self, "site", Site.parse(self.site))
         layers = (self.layers,) if isinstance(self.layers, int) else tuple(int(x) for x in self.layers)
         object.__setattr__(self, "layers", layers)

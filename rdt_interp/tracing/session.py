@@ -47,7 +47,10 @@ class TraceSession:
 
     @contextlib.contextmanager
     def trace(self, batch: EncodedBatch | dict[str, Any], **kwargs: Any) -> Iterator[Any]:
-        inputs = self.adapter.prefill_kwargs(batch, use_cache=False) if isinstance(batch, EncodedBatch) else batch
+        if isinstance(batch, EncodedBatch):
+            inputs = self.adapter.prefill_kwargs(self.adapter.check_batch(batch), use_cache=False)
+        else:
+            inputs = batch
         with self.model.trace(**inputs, **kwargs) as tracer:
             yield tracer
 

@@ -46,7 +46,14 @@ from rdt_interp.models.vla import VLAAdapter
 from rdt_interp.roles import ANY_REAL, Role, Selector, role_mask
 from rdt_interp.tracing.capture import Activations
 from rdt_interp.tracing.generation import Backend, Generation, make_runner
-from rdt_interp.tracing.interventions import AddDirection, Intervention, Site, StepContext
+from rdt_interp.tracing.interventions import (
+    AddDirection,
+    Intervention,
+    Site,
+    StepContext,
+    _as_vector,
+    _check_alpha,
+)
 from rdt_interp.tracing.recorder import Recorder
 
 TargetMode = Literal["action", "text", "text+action", "all"]
@@ -339,13 +346,6 @@ def capture_roles(
 
 
 # -- steering --------------------------------------------------------------------------------------
-def _vector(direction: Any) -> Tensor:
-    vec = getattr(direction, "vector", direction)
-    if not isinstance(vec, Tensor):
-        raise ConfigError(f"direction must be a tensor or a Direction, got {type(direction).__name__}")
-    return vec.detach()
-
-
 @dataclass(frozen=True, eq=False)
 class AddRowDirections(AddDirection):
     """Add ``alpha * direction[i]`` to batch row ``i``: one direction per row, ``[batch, d]``.
@@ -355,7 +355,8 @@ class AddRowDirections(AddDirection):
     """
 
     def __post_init__(self) -> None:
-        vec = _vector(self.direction)
+        vec = _as_vector(self.direction)
+        _check_alpha(self.alpha)
         if vec.ndim != 2:
             raise ConfigError(f"AddRowDirections needs directions [batch, d], got {tuple(vec.shape)}")
         object.__setattr__(self, "direction", vec)
@@ -407,7 +408,7 @@ def steer_vla(
     """
     if mode not in TARGET_MODES:
         raise ConfigError(f"unknown target mode {mode!r}", fix=f"use one of {list(TARGET_MODES)}")
-    vec = _vector(direction)
+    vec = _as_vector(direction)
     if vec.ndim != (2 if per_row else 1):
         raise ConfigError(
             f"direction of shape {tuple(vec.shape)} with per_row={per_row}",
@@ -461,6 +462,7 @@ def run_prefill(
     if batch.padding_side != "left":
         raise ConfigError("a prefill for decoding needs a left-padded batch",
                           fix="encode with padding_side='left' (the default)")
+    adapter.check_batch(batch)
     with make_runner(backend, adapter, interventions, recorders) as runner:
         out = runner.forward(adapter.prefill_kwargs(batch, use_cache=True), StepContext("prefill", batch.roles))
     return PrefillState(batch, adapter.cache_of(out), adapter.logits_of(out)[:, -1].float())

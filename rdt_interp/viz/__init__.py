@@ -17,6 +17,7 @@ from rdt_interp.viz.style import (
     new_figure,
     paper_style,
     save_figure,
+    use_paper_style,
 )
 
 __all__ = [

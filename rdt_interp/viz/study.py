@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rdt_interp.errors import ConfigError
+from rdt_interp.storage import read_json
 from rdt_interp.viz.style import save_figure
 
 
@@ -24,7 +24,7 @@ def study_figures(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
                           fix="run `rdt-interp run CONFIG --out RUN_DIR` first (it resumes)")
 
     def rd(p: Path):
-        return json.loads(p.read_text())
+        return read_json(p, what="run result")
 
     written: list[Path] = []
     summary = rd(chat / "summary.json")

@@ -88,3 +88,21 @@ def test_alignment_uses_shared_layer_labels_and_refuses_other_widths(tmp_path):
     a0[0] = 0.0
     res0 = align_directions(a0, b, layers_a=(0, 1, 2, 3), layers_b=(0, 1, 2))
     assert np.isnan(res0.cos[0]) and np.isnan(res0.p[0]) and np.isfinite(res0.cos[1:]).all()
+
+
+def test_zero_norm_layer_is_null_with_a_reason_in_json(tmp_path):
+    import json
+
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(3, 16, generator=gen), torch.randn(3, 16, generator=gen)
+    a[0] = 0.0  # layer 0 over template tokens: every prompt has the same embedding
+    res = align_directions(a, b)
+    res.save(tmp_path / "a.json")
+    text = (tmp_path / "a.json").read_text()
+    assert "NaN" not in text
+    d = json.loads(text)
+    assert d["cos"][0] is None and d["matrix"][0] == [None, None, None] and d["cos"][1] is not None
+    assert d["undefined"]["cos"].startswith("cosine undefined: zero-norm direction")
+    back = AlignmentResult.load(tmp_path / "a.json")
+    assert np.isnan(back.cos[0]) and np.allclose(back.cos[1:], res.cos[1:])
+    assert "undefined" not in json.loads(to_json(align_directions(b, b).to_dict()))

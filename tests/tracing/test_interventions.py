@@ -58,6 +58,24 @@ def test_plan_validation():
         AddDirection(torch.ones(4), 1.0, 0, phase="always")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_direction_is_refused_by_every_intervention(bad):
+    v = torch.ones(8)
+    v[3] = bad
+    for make in (lambda: AddDirection(v, 1.0, 0), lambda: AblateDirection(v),
+                 lambda: AblateDirection(torch.stack([torch.ones(8), v])),
+                 lambda: rdt(v, 2.0, [0]), lambda: rdt_plus(v, 2.0, 1.0, [0])):
+        with pytest.raises(ConfigError, match="NaN/inf"):
+            make()
+
+
+def test_non_finite_alpha_is_refused():
+    with pytest.raises(ConfigError, match="finite"):
+        AddDirection(torch.ones(8), float("nan"), 0)
+    with pytest.raises(ConfigError, match="NaN/inf"):
+        AddDirection(torch.ones(8), torch.tensor([1.0, float("inf")]), 0)
+
+
 def test_rdt_and_rdt_plus_values():
     r = torch.ones(4)
     (a,) = rdt(r, 3.0, [1, 2])

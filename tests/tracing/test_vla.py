@@ -261,3 +261,14 @@ def test_select_cache_rows_leaves_the_source_alone(vla):
     assert all(torch.equal(b, layer.keys) for b, layer in zip(before, state.cache.layers, strict=True))
     with pytest.raises(ConfigError, match="DynamicCache"):
         select_cache_rows(object(), torch.tensor([0]))
+
+
+def test_steer_vla_refuses_a_non_finite_direction():
+    v = torch.ones(8)
+    v[0] = float("nan")
+    with pytest.raises(ConfigError, match="NaN/inf"):
+        steer_vla(v, "action", 2.0, [0])
+    rows = torch.ones(3, 8)
+    rows[1, 2] = float("inf")
+    with pytest.raises(ConfigError, match="NaN/inf"):
+        steer_vla(rows, "text+action", 2.0, [0], per_row=True)
