@@ -281,7 +281,11 @@ def load_base_model() -> Any:
     """Qwen2.5-Coder-0.5B-Instruct from the offline package (GGUF sha256-verified when dequantized)."""
     from rdt_interp.models import load_chat_model
 
-    return load_chat_model(BASE_MODEL)
+    chat = load_chat_model(BASE_MODEL)
+    tok = chat.tokenizer
+    if getattr(tok, "bos_token", None) is None:  # transformers < 5.2x drops it when saving the GGUF's tokenizer
+        tok.bos_token = tok.convert_ids_to_tokens(int(chat.model.config.bos_token_id))
+    return chat
 
 
 def load_testbed_vla(

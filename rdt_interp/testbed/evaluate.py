@@ -152,7 +152,7 @@ def evaluate_image_dependence(vla: VLAAdapter, cfg: EvalConfig, n: int = 256) ->
     and how much bin accuracy vs the expert drops."""
     demos, idx = _bin_samples(cfg, vla.image_size)
     idx = idx[:n]
-    swapped = np.roll(idx, 1)
+    swapped = np.roll(idx, len(idx) // 2)  # half the set away: another episode, another scene
     ins = [demos.instructions[int(demos.instruction_ids[j])] for j in idx]
     tok = vla.action_tokenizer
     own, _, _ = predict_in_batches(vla, [VLARequest(i, demos.images[j]) for i, j in zip(ins, idx, strict=True)],

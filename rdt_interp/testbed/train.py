@@ -722,7 +722,9 @@ def pretrain_vision(
 def greedy_validation(adapter: TestbedVLAAdapter, data: BCData, idx: np.ndarray, cfg: TrainConfig) -> dict[str, Any]:
     """What the policy does when it decodes for itself (greedy, as every evaluation does): exact
     and within-±k bins per dimension against the expert, and, on the first ``val_swap`` samples,
-    how many action tokens change when each image is swapped for another sample's."""
+    how many action tokens change when each image is swapped for the neighbouring sample's
+    (mostly the adjacent step of the same episode: a lower bound on how much the image matters;
+    :func:`rdt_interp.testbed.evaluate.evaluate_image_dependence` swaps across scenes)."""
     from rdt_interp.testbed.evaluate import WITHIN, bin_metrics, predict_in_batches
 
     tok = adapter.action_tokenizer
@@ -828,7 +830,7 @@ def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> None:
             c.plot(x, [r["within_1_all_dims"] for r in vals], "s-", ms=3, lw=0.8, color=OKABE_ITO["orange"],
                    label="within 1 bin")
             c.plot(x, [r["swap_tokens_changed"] for r in vals], "^-", ms=3, lw=0.8, color=OKABE_ITO["green"],
-                   label="tokens changed by an image swap")
+                   label="changed by the neighbour's image")
             c.set_ylim(0, 1)
             c.legend(title=f"n = {vals[-1]['n']} ({vals[-1]['episodes']} val episodes)")
         c.set_title("(c) greedy decoding, held out")
