@@ -90,3 +90,12 @@ class UnknownNameError(RdtError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise repr() the message
         return Exception.__str__(self)
+
+
+class SelectionError(RdtError):
+    """Direction selection found no candidate that passes its filters; ``scores`` holds the
+    scored candidates (the table the message shows)."""
+
+    def __init__(self, message: str, *, fix: str | None = None, scores: tuple = ()) -> None:
+        self.scores = scores
+        super().__init__(message, fix=fix)

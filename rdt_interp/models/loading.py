@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from rdt_interp.errors import CheckpointError
+from rdt_interp.errors import CheckpointError, ConfigError
 from rdt_interp.models.chat import ChatModel
 from rdt_interp.models.offline import OFFLINE_MODELS, ensure_dequantized
 from rdt_interp.models.registry import REGISTRY, lookup
@@ -64,6 +64,7 @@ def load_chat_model(
     device: str | torch.device = "cpu",
     device_map: str | dict[str, Any] | None = None,
     system_prompt: str | None = None,
+    template: str = "model",
     seed: int = 0,
     local_files_only: bool | None = None,
 ) -> ChatModel:
@@ -72,26 +73,33 @@ def load_chat_model(
     ``source`` is a registry name (``rdt_interp.models.registry.REGISTRY``), a local checkpoint
     directory, or a hub id (needs network unless it is in the local HF cache). ``device_map``
     (e.g. ``"auto"``) spreads a model over several GPUs and overrides ``device``.
+    ``template="reference"`` renders prompts in Arditi et al.'s format for the model family where
+    the registry knows one (Qwen: no default system turn); other models keep their own template.
     """
+    if template not in ("reference", "model"):
+        raise ConfigError(f"template must be 'reference' or 'model', got {template!r}",
+                          fix="template='reference' (Arditi et al.'s prompt format) or 'model' (the tokenizer's)")
     dt = _dtype(dtype)
     name = str(source)
     if name in REGISTRY:
         entry = lookup(name)
+        forced = entry.reference_template if template == "reference" else None
         if entry.kind == "tiny":
             model, tok = build_tiny(name, seed=seed, dtype=dt)
             return ChatModel(model.to(device), tok, name=name, system_prompt=system_prompt,
-                             random_weights=True)
+                             random_weights=True, chat_template=forced,
+                             template_name="reference" if forced else "model")
         if entry.kind == "offline-gguf":
             path = ensure_dequantized(OFFLINE_MODELS[name])
             return _load_dir(path, name=name, dtype=dt, device=device, device_map=device_map,
-                             system_prompt=system_prompt, chat_template=None)
+                             system_prompt=system_prompt, chat_template=None, forced_template=forced)
         local = os.environ.get(entry.dir_env or "")
         target = Path(local) if local else entry.hub_id
         if local:
             _check_causal_lm_dir(Path(local))
         return _load_dir(target, name=name, dtype=dt, device=device, device_map=device_map,
                          system_prompt=system_prompt, chat_template=entry.chat_template,
-                         local_files_only=local_files_only)
+                         forced_template=forced, local_files_only=local_files_only)
     path = Path(source).expanduser()
     looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
     if path.exists() or not looks_like_hub_id:
@@ -112,6 +120,7 @@ def _load_dir(
     device_map: str | dict[str, Any] | None,
     system_prompt: str | None,
     chat_template: str | None,
+    forced_template: str | None = None,
     local_files_only: bool | None = None,
 ) -> ChatModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -135,7 +144,12 @@ def _load_dir(
         ) from exc
     if device_map is None:
         model = model.to(device)
-    cm = ChatModel(model, tok, name=name, system_prompt=system_prompt, chat_template=(
-        chat_template if getattr(tok, "chat_template", None) is None else None))
+    if forced_template is not None:
+        template, template_name = forced_template, "reference"
+    else:
+        template = chat_template if getattr(tok, "chat_template", None) is None else None
+        template_name = "model"
+    cm = ChatModel(model, tok, name=name, system_prompt=system_prompt, chat_template=template,
+                   template_name=template_name)
     cm.load_seconds = time.perf_counter() - t0
     return cm
