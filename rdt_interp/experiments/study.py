@@ -88,11 +88,14 @@ def run_study(
         if cfg.cross_model:
             summary["cross_model"] = run.step("cross_model", lambda: cross_model(
                 chat_model, vla, run.path, cfg, progress=progress))
-    summary["wall_s_this_invocation"] = time.perf_counter() - t0
-    run.save("summary", summary)
+    run.save("summary", summary)  # the figures read it
     from rdt_interp.viz.study import study_figures
 
+    t_fig = time.perf_counter()
     study_figures(run.path, run.path / "figures")
+    summary["figures_s"] = time.perf_counter() - t_fig
+    summary["wall_s_this_invocation"] = time.perf_counter() - t0
+    run.save("summary", summary)
     return summary
 
 

@@ -28,8 +28,11 @@ _CONDITIONS = (
 
 
 def refusal_bars(evaluation: Mapping[str, Any], *, alpha: float | None = None, model: str = "",
-                 width: Width = "column", height: float | None = 1.9) -> Figure:
-    """Refusal rates (substring judge) of the four test conditions with Wilson CIs."""
+                 removed: Mapping[str, Any] | None = None, width: Width = "column",
+                 height: float | None = 1.9) -> Figure:
+    """Refusal rates (substring judge) of the four test conditions with Wilson CIs; ``removed``
+    (the summary's ``ablation_removed_refusals``) adds the share of baseline refusals ablation
+    removed."""
     with paper_style():
         fig, (ax,) = new_figure(width, height)
         for i, (key, _label, color) in enumerate(_CONDITIONS):
@@ -49,6 +52,9 @@ def refusal_bars(evaluation: Mapping[str, Any], *, alpha: float | None = None, m
         n = next(iter(evaluation.values()))["n"]
         title = f"{model}: " if model else ""
         suffix = f", α = {alpha:g}" if alpha is not None else ""
+        if removed and removed.get("n"):
+            suffix += (f"\nablation removed {100 * removed['rate']:.0f}% [{100 * removed['lo']:.0f}, "
+                       f"{100 * removed['hi']:.0f}] of {removed['n']} baseline refusals")
         ax.set_title(f"{title}n = {n} per bar{suffix}", loc="left")
     return fig
 
