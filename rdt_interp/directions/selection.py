@@ -25,6 +25,7 @@ class and scores only the ``top_k`` best by ablation score on ``final_n``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -245,7 +246,11 @@ def select_direction(
     config: SelectionConfig = SelectionConfig(),
     *,
     progress: bool = True,
+    scored: Sequence[CandidateScore] | None = None,
 ) -> SelectionResult:
+    """Score the candidates and pick one (module docstring). ``scored``: the table of an earlier
+    selection on the same candidates and prompts (e.g. :class:`SelectionError`'s ``scores``), so
+    that a relaxation chosen after a failure only re-picks instead of scoring again."""
     t0 = time.perf_counter()
     refusal_ids = model.refusal_token_ids()
     h_all, hl_all = instructions(harmful_val), instructions(harmless_val)
@@ -269,30 +274,45 @@ def select_direction(
         kl = float(kl_divergence(base_hl, lp[len(h_all[:n]):]).mean())
         return abl, kl, r
 
-    scores: list[CandidateScore] = []
-    shortlist = pairs
-    if screen_n and len(pairs) > config.top_k:
-        batch, _, _, base_hl = scorer(screen_n)
-        screened = []
-        for layer, pos in tqdm(pairs, desc="screen candidates", disable=not progress, leave=False):
-            abl, kl, _ = ablation_and_kl(batch, screen_n, base_hl, layer, pos)
-            screened.append(CandidateScore(layer, pos, abl, kl, None, "screen", kl <= config.kl_threshold))
-        scores += screened
-        # Screening KL is noisier (fewer prompts): keep candidates within twice the threshold.
-        ok = [s for s in screened if s.kl <= 2 * config.kl_threshold] or screened
-        shortlist = [(s.layer, s.position) for s in sorted(ok, key=lambda s: s.ablation)[: config.top_k]]
+    if scored is not None:
+        # the filters are re-applied: only the pick's settings may differ from the earlier run
+        scores = [dataclasses.replace(s, passes=passes_filters(s.kl, s.steering, s.ablation, config))
+                  if s.stage == "final" else s for s in scored]
+        finals = [s for s in scores if s.stage == "final"]
+        if not finals or not {(s.layer, s.position) for s in finals} <= set(pairs):
+            raise ConfigError("the reused selection table does not score these candidates",
+                              fix="score afresh (drop the earlier table)")
+        batch, harmless, base_h, base_hl = scorer(final_n)
+        base_steer = float(refusal_score(base_hl, refusal_ids).mean())
+    else:
+        scores: list[CandidateScore] = []
+        shortlist = pairs
+        if screen_n and len(pairs) > config.top_k:
+            batch, _, _, base_hl = scorer(screen_n)
+            screened = []
+            for layer, pos in tqdm(pairs, desc="screen candidates", disable=not progress, leave=False):
+                abl, kl, _ = ablation_and_kl(batch, screen_n, base_hl, layer, pos)
+                screened.append(CandidateScore(layer, pos, abl, kl, None, "screen", kl <= config.kl_threshold))
+            scores += screened
+            # Screening KL is noisier (fewer prompts): keep candidates within twice the threshold.
+            ok = [s for s in screened if s.kl <= 2 * config.kl_threshold] or screened
+            shortlist = [(s.layer, s.position) for s in sorted(ok, key=lambda s: s.ablation)[: config.top_k]]
 
-    batch, harmless, base_h, base_hl = scorer(final_n)
-    base_steer = float(refusal_score(base_hl, refusal_ids).mean())
-    finals = []
-    for layer, pos in tqdm(shortlist, desc="score shortlist", disable=not progress, leave=False):
-        abl, kl, r = ablation_and_kl(batch, final_n, base_hl, layer, pos)
-        lp = last_logprobs(model, harmless, [AddDirection(r, config.steering_alpha, layer)],
-                           batch_size=config.batch_size)
-        steer = float(refusal_score(lp, refusal_ids).mean())
-        finals.append(CandidateScore(layer, pos, abl, kl, steer, "final", passes_filters(kl, steer, abl, config)))
-    scores += finals
-    best, relaxation = pick(finals, config)
+        batch, harmless, base_h, base_hl = scorer(final_n)
+        base_steer = float(refusal_score(base_hl, refusal_ids).mean())
+        finals = []
+        for layer, pos in tqdm(shortlist, desc="score shortlist", disable=not progress, leave=False):
+            abl, kl, r = ablation_and_kl(batch, final_n, base_hl, layer, pos)
+            lp = last_logprobs(model, harmless, [AddDirection(r, config.steering_alpha, layer)],
+                               batch_size=config.batch_size)
+            steer = float(refusal_score(lp, refusal_ids).mean())
+            finals.append(CandidateScore(layer, pos, abl, kl, steer, "final", passes_filters(kl, steer, abl, config)))
+        scores += finals
+    try:
+        best, relaxation = pick(finals, config)
+    except SelectionError as exc:
+        exc.scores = tuple(scores)  # the whole table, screening included
+        raise
     norms = {f"{ly},{p}": float(candidates.vectors[candidates.layers.index(ly), candidates.positions.index(p)].norm())
              for ly, p in pairs}
     return SelectionResult(

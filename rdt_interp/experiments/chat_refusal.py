@@ -11,6 +11,7 @@ filtered. Every step is cached in the run directory
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,7 @@ from rdt_interp.directions.diff_in_means import CandidateDirections, extract_can
 from rdt_interp.directions.direction import Direction
 from rdt_interp.directions.scoring import PromptBatch, kl_divergence, last_logprobs
 from rdt_interp.directions.selection import (
+    CandidateScore,
     SelectionConfig,
     SelectionResult,
     filter_prompts,
@@ -30,6 +32,7 @@ from rdt_interp.errors import ConfigError, SelectionError
 from rdt_interp.experiments.rundir import RunDir
 from rdt_interp.models.chat import ChatModel
 from rdt_interp.prompts import load_split
+from rdt_interp.storage import digest_strings, digest_tensor
 from rdt_interp.tracing.generation import complete
 from rdt_interp.tracing.interventions import AblateDirection, AddDirection
 
@@ -167,12 +170,18 @@ def run_chat_refusal(
     timed("extract", do_extract)
 
     def do_select() -> dict[str, Any]:
+        key = selection_key(candidates(), splits, cfg.selection)
+        failed = run.load("selection_failed") if run.done("selection_failed") else {}
+        # After a failed selection, a relaxation only re-picks from the same table.
+        scored = ([CandidateScore(**s) for s in failed["scores"]] if failed.get("key") == key else None)
+        if scored is not None:
+            log("[reuse]  the scored table of the failed selection (same candidates, prompts and filters)")
         try:
             return select_direction(model, candidates(), splits["harmful_val"], splits["harmless_val"],
-                                    cfg.selection, progress=progress).to_dict()
+                                    cfg.selection, progress=progress, scored=scored).to_dict()
         except SelectionError as exc:
-            # keep the table for inspection; a rerun with a relaxation rescoring is the user's call
-            run.save("selection_failed", {"scores": [asdict(s) for s in exc.scores], "error": str(exc)})
+            run.save("selection_failed", {"key": key, "scores": [asdict(s) for s in exc.scores],
+                                          "error": str(exc)})
             raise
 
     selection = SelectionResult.from_dict(timed("selection", do_select))
@@ -275,6 +284,14 @@ def run_chat_refusal(
     summary["wall_s_this_invocation"] = time.perf_counter() - t_start
     run.save("summary", summary)
     return summary
+
+
+def selection_key(candidates: CandidateDirections, splits: dict[str, list[str]], config: SelectionConfig) -> str:
+    """What a selection table depends on: the candidate vectors, the validation prompts and
+    every selection setting but the relaxation (which only changes the pick)."""
+    settings = {k: v for k, v in asdict(config).items() if k != "if_none_pass"}
+    return digest_strings([digest_tensor(candidates.vectors), *splits["harmful_val"], "\x00",
+                           *splits["harmless_val"], json.dumps(settings, sort_keys=True)])
 
 
 def departures(model: ChatModel, cfg: ChatRefusalConfig, selection: SelectionResult | None = None) -> list[str]:

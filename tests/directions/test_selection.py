@@ -131,3 +131,21 @@ def test_filter_prompts_scores_are_the_refusal_scores(tiny_models):
     want = refusal_score(last_logprobs(model, PromptBatch.build(model, HARMFUL + HARMLESS)), model.refusal_token_ids())
     assert torch.allclose(torch.tensor(f.harmful_scores + f.harmless_scores), want.float(), atol=1e-5)
     assert f.harmful == [t for t, v in zip(HARMFUL, f.harmful_scores, strict=True) if v > 0]
+
+
+def test_a_relaxation_after_a_failure_re_picks_from_the_same_table(tiny_models):
+    """Reusing the failed selection's table gives what a fresh relaxed selection gives."""
+    from rdt_interp.errors import SelectionError
+
+    model = tiny_models["tiny-qwen2"]
+    c = extract_candidates(model, HARMFUL, HARMLESS, progress=False)
+    strict = SelectionConfig(final_n=4, kl_threshold=1e-3, positions=(-1,))
+    with pytest.raises(SelectionError) as err:
+        select_direction(model, c, HARMFUL, HARMLESS, strict, progress=False)
+    relaxed = dataclasses.replace(strict, if_none_pass="unfiltered")
+    fresh = select_direction(model, c, HARMFUL, HARMLESS, relaxed, progress=False)
+    reused = select_direction(model, c, HARMFUL, HARMLESS, relaxed, progress=False, scored=err.value.scores)
+    assert dataclasses.replace(reused, seconds=0.0) == dataclasses.replace(fresh, seconds=0.0)
+    other = extract_candidates(model, HARMFUL, HARMLESS, layers=[0, 1], progress=False)
+    with pytest.raises(ConfigError, match="does not score these candidates"):
+        select_direction(model, other, HARMFUL, HARMLESS, relaxed, progress=False, scored=err.value.scores)
