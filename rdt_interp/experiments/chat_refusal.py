@@ -42,7 +42,8 @@ class ChatRefusalConfig:
     model: str = "qwen2.5-coder-0.5b-instruct"
     n_train: int = 128
     n_test: int = 128
-    alphas: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+    # Arditi et al. add r with coefficient 1; more values: chosen on validation (a named departure)
+    alphas: tuple[float, ...] = (1.0,)
     alpha_val_n: int = 32
     max_new_tokens: int = 48
     gen_batch_size: int = 32
