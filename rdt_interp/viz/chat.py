@@ -89,15 +89,15 @@ def selection_heatmap(selection: SelectionResult | Mapping[str, Any], *, width: 
             cb.set_label(label, fontsize=6.5)
             for s in sel.final_scores():
                 if not s.passes and s.position in positions:
-                    ax.plot(s.layer, positions.index(s.position), marker="x", color="white", ms=3, mew=0.6)
+                    ax.plot(s.layer, positions.index(s.position), marker="x", color="white", ms=2.5, mew=0.5, alpha=0.8)
             ax.plot(sel.layer, positions.index(sel.position), marker="*", color="white", ms=8,
                     mec="black", mew=0.6)
             if limit <= layers[-1] + 1:
                 ax.axvline(limit - 0.5, color=NULL_COLOR, lw=0.6, ls="--")
-        note = "" if sel.filters_passed else f" (none passed; relaxation: {sel.relaxation})"
+        note = "" if sel.filters_passed else f"\nnone passed; relaxation: {sel.relaxation}"
         axes[0].set_title(f"chosen: layer {sel.layer}, position {sel.position}{note}", loc="left")
-        axes[-1].set_title(f"× fails a filter (KL ≤ {sel.config.kl_threshold:g}, steering ≥ 0); "
-                           f"layers ≥ {limit} not scored", loc="left")
+        axes[-1].set_title(f"×: fails KL ≤ {sel.config.kl_threshold:g} or steering ≥ 0\n"
+                           f"layers ≥ {limit} (int({sel.config.max_layer_fraction:g}·L)) not scored", loc="left")
     return fig
 
 
