@@ -8,8 +8,9 @@ bf16 and, with the same model in float32 and the same prompts:
 * the data filter's decisions on the validation pools (how many prompts change side);
 * the diff-in-means vectors of the filtered train prompts (cosine with the bf16 ones at the
   chosen candidate);
-* the selection scores (ablation, steering, KL) of the chosen candidate and the ``--top`` best
-  passing ones by bf16 ablation score: is the winner the same;
+* the selection scores (ablation, steering, KL) of the chosen candidate and the ``--top`` best by
+  bf16 ablation score among those the run's pick considered (the passing ones, or the
+  relaxation's pool): is the winner the same;
 * the four test rates (baseline / ablated harmful, baseline / +α·r harmless) and the KL, with
   the bf16 run's direction and α, on the first ``--n-test`` test prompts of each class.
 
@@ -30,7 +31,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="a finished study run directory (bf16)")
     ap.add_argument("--n-test", type=int, default=128, help="test prompts per class for the four rates")
-    ap.add_argument("--top", type=int, default=5, help="passing candidates (by bf16 ablation score) to rescore")
+    ap.add_argument("--top", type=int, default=5,
+                    help="candidates the run's pick considered (by bf16 ablation score) to rescore")
+    ap.add_argument("--no-rates", action="store_true", help="skip the test generations (steps 1-3 only)")
     args = ap.parse_args()
 
     from rdt_interp.analysis.behaviour import refusal_rate
@@ -88,7 +91,14 @@ def main() -> None:
 
     # 3. selection scores of the chosen and the best passing candidates
     finals = sel.final_scores()
-    ranked = sorted([s for s in finals if s.passes], key=lambda s: s.ablation)[: args.top]
+    # the candidates the run's pick considered: the passing ones, or under a relaxation its pool
+    if sel.relaxation == "ignore_steering":
+        pool = [s for s in finals if s.kl <= cfg.selection.kl_threshold]
+    elif sel.relaxation == "unfiltered":
+        pool = list(finals)
+    else:
+        pool = [s for s in finals if s.passes]
+    ranked = sorted(pool, key=lambda s: s.ablation)[: args.top]
     if sel.chosen() not in ranked:
         ranked.append(sel.chosen())
     h = splits["harmful_val"][: cfg.selection.final_n]
@@ -107,13 +117,23 @@ def main() -> None:
                      "fp32": [abl, steer, kl], "passes_fp32": passes_filters(kl, steer, abl, cfg.selection)})
         print(f"  L{s.layer} P{s.position}: ablation {s.ablation:.3f} -> {abl:.3f}, steering {s.steering:.3f} -> "
               f"{steer:.3f}, KL {s.kl:.4f} -> {kl:.4f}", flush=True)
-    passing32 = [r for r in rows if r["passes_fp32"]]
-    winner = min(passing32, key=lambda r: r["fp32"][0]) if passing32 else None
+    # the same pick in fp32: the passing ones, or the relaxation's pool
+    if sel.relaxation == "ignore_steering":
+        pool32 = [r for r in rows if r["fp32"][2] <= cfg.selection.kl_threshold]
+    elif sel.relaxation == "unfiltered":
+        pool32 = rows
+    else:
+        pool32 = [r for r in rows if r["passes_fp32"]]
+    winner = min(pool32, key=lambda r: r["fp32"][0]) if pool32 else None
     out["selection_rescored"] = rows
     out["chosen_fp32_among_rescored"] = [winner["layer"], winner["position"]] if winner else None
     print("winner among the rescored, fp32:", out["chosen_fp32_among_rescored"], "bf16:", out["chosen_bf16"],
           flush=True)
 
+    if args.no_rates:
+        out["seconds"] = time.perf_counter() - t0
+        (chat_dir / "fp32_check_selection.json").write_text(json.dumps(out, indent=1))
+        return
     # 4. the four test rates and the KL with the bf16 run's direction and alpha
     n = args.n_test
     ht, hlt = splits["harmful_test"][:n], splits["harmless_test"][:n]
