@@ -33,7 +33,7 @@ def load_vla(spec: VLAModelSpec):
     if spec.adapter == "testbed":
         from rdt_interp.testbed.adapter import load_testbed_vla
 
-        return load_testbed_vla(spec.checkpoint) if spec.checkpoint else load_testbed_vla()
+        return load_testbed_vla(spec.checkpoint or None, device=spec.device, dtype=dtype)
     if spec.adapter == "testbed-tiny":
         from rdt_interp.testbed.adapter import build_tiny_testbed_vla
 

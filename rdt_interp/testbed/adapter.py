@@ -289,8 +289,11 @@ def load_testbed_vla(
     *,
     merge: bool = True,
     constrain_actions: bool = False,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> TestbedVLAAdapter:
-    """The trained testbed VLA: offline base weights + the delta in ``path`` (default: committed).
+    """The trained testbed VLA: offline base weights + the delta in ``path`` (default: committed),
+    on ``device`` in ``dtype`` (the delta is applied in fp32 first).
 
     Checks the base model's GGUF sha256 and weight digest against the ones recorded at training
     time and the delta file's sha256 against the manifest (:class:`IntegrityError` otherwise).
@@ -336,6 +339,7 @@ def load_testbed_vla(
     model.load_delta_(load_file(str(delta_path)), where=str(delta_path))
     if merge:
         model.merge_()
+    model.to(device=device, dtype=dtype)
     adapter = TestbedVLAAdapter(model.eval(), tok, manifest["norm_stats"],
                                 name="testbed-vla" if base["name"] == BASE_MODEL else f"testbed-vla@{root}",
                                 constrain_actions=constrain_actions, random_weights=base["name"] != BASE_MODEL)

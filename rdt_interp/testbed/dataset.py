@@ -9,12 +9,14 @@ flags the unseen ones as ``novel``. Demonstrations are benign only (as OpenVLA's
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
 import os
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -134,15 +136,16 @@ class DemoSet:
     def norm_stats(self) -> dict[str, Any]:
         return norm_stats(self.actions)
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write one compressed ``.npz`` atomically, with a checksum over the arrays."""
+    def save(self, path: str | os.PathLike[str], *, compress: bool = True) -> None:
+        """Write one ``.npz`` atomically, with a checksum over the arrays (``compress=False``:
+        several GB of training images written in seconds instead of minutes)."""
         arrays = self._arrays()
         meta = {"format": FORMAT_VERSION, "split": self.split, "instructions": list(self.instructions),
                 "episodes": [asdict(e) for e in self.episodes], "noise": list(self.noise),
                 "checksum": _checksum(arrays)}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
+            (np.savez_compressed if compress else np.savez)(fh, **arrays)
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return {"images": self.images, "actions": self.actions, "instruction_ids": self.instruction_ids,
@@ -192,13 +195,15 @@ def generate_demos(
     image_size: int = DEFAULT_IMAGE_SIZE,
     noise: tuple[float, float] = DEFAULT_NOISE,
     max_steps: int = DEFAULT_MAX_STEPS,
+    workers: int = 1,
 ) -> DemoSet:
     """Expert demonstrations for ``split``: ``n_episodes`` episodes, or as many as give ``min_samples``.
 
     Each step's sample is the image the expert saw, the instruction and the expert's (clean)
     action; the executed action has Gaussian ``noise`` added (std of the translation in m, of
     yaw in rad), so the data shows recoveries. Episodes the expert fails are dropped (counted
-    in ``episodes`` with ``success=False``).
+    in ``episodes`` with ``success=False``). ``workers`` processes roll episodes out in
+    parallel; the result is the same for any number of them.
     """
     _check_split(split)
     if (n_episodes is None) == (min_samples is None):
@@ -206,30 +211,72 @@ def generate_demos(
     images, actions, instr_ids, ep_ids, steps = [], [], [], [], []
     instructions: dict[str, int] = {}
     episodes: list[EpisodeInfo] = []
-    n_samples, i = 0, start
-    while (i - start < n_episodes) if n_episodes is not None else (n_samples < min_samples):
-        ((ts, task),) = split_tasks(split, 1, start=i)
-        rng = np.random.default_rng([task.scene.seed, 0x5EED])
-        res = rollout(EXPERT, task, max_steps, image_size=image_size, keep_images=True,
-                      perturb=lambda a, rng=rng: _perturb(a, rng, noise))
-        ok = bool(res.success)
-        episodes.append(EpisodeInfo(i, task.scene.seed, task.scene.variant, ts.key, ts.object,
-                                    ts.template, ts.instruction, is_novel(ts), res.n_steps, ok))
-        if ok and res.n_steps:
-            iid = instructions.setdefault(ts.instruction, len(instructions))
-            assert res.images is not None
-            images.append(res.images)
-            actions.append(res.actions)
-            instr_ids.append(np.full(res.n_steps, iid, dtype=np.int64))
-            ep_ids.append(np.full(res.n_steps, i, dtype=np.int64))
-            steps.append(np.arange(res.n_steps, dtype=np.int64))
-            n_samples += res.n_steps
-        i += 1
+    n_samples = 0
+    job = functools.partial(_demo_episodes, split, image_size=image_size, noise=noise, max_steps=max_steps)
+    for info, ep_images, ep_actions in episode_stream(job, start, workers):
+        if (len(episodes) >= n_episodes) if n_episodes is not None else (n_samples >= min_samples):
+            break
+        episodes.append(info)
+        if info.success and info.n_steps:
+            iid = instructions.setdefault(info.instruction, len(instructions))
+            images.append(ep_images)
+            actions.append(ep_actions)
+            instr_ids.append(np.full(info.n_steps, iid, dtype=np.int64))
+            ep_ids.append(np.full(info.n_steps, info.index, dtype=np.int64))
+            steps.append(np.arange(info.n_steps, dtype=np.int64))
+            n_samples += info.n_steps
     if not images:
-        raise ConfigError(f"no successful demonstrations in {split} episodes {start}..{i}")
+        raise ConfigError(f"no successful demonstrations in {split} episodes {start}..{start + len(episodes)}")
     return DemoSet(split, np.concatenate(images), np.concatenate(actions).astype(np.float32),
                    np.concatenate(instr_ids), np.concatenate(ep_ids), np.concatenate(steps),
                    tuple(instructions), tuple(episodes), (float(noise[0]), float(noise[1])))
+
+
+#: episodes one worker rolls out per task (large enough to amortize the hand-over)
+EPISODE_CHUNK = 16
+
+
+def episode_stream(
+    job: Callable[[int, int], list[Any]], start: int, workers: int = 1
+) -> Iterator[Any]:
+    """``job(first, n)``'s items for episodes ``start, start + 1, …`` in order, without end.
+
+    With ``workers > 1`` chunks of :data:`EPISODE_CHUNK` episodes run in forked processes, one
+    round of ``workers`` chunks at a time; the caller stops consuming when it has enough, which
+    ends the pool. Every item depends only on its episode number, so the stream is the same for any
+    number of workers.
+    """
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
+    firsts = itertools.count(start, EPISODE_CHUNK)
+    if workers == 1:
+        for first in firsts:
+            yield from job(first, EPISODE_CHUNK)
+        return
+    import multiprocessing as mp
+
+    # one chunk per worker per round, each round finished before the next starts: results stay
+    # in order and memory bounded, and when the caller stops (the generator closes) no task is
+    # in flight, so ending the pool cannot deadlock on a full task pipe
+    with mp.get_context("fork").Pool(workers) as pool:
+        while True:
+            for items in pool.starmap(job, [(next(firsts), EPISODE_CHUNK) for _ in range(workers)]):
+                yield from items
+
+
+def _demo_episodes(
+    split: str, first: int, n: int, *, image_size: int, noise: tuple[float, float], max_steps: int
+) -> list[tuple[EpisodeInfo, Any, Any]]:
+    out = []
+    for ts, task in split_tasks(split, n, start=first):
+        rng = np.random.default_rng([task.scene.seed, 0x5EED])
+        res = rollout(EXPERT, task, max_steps, image_size=image_size, keep_images=True,
+                      perturb=lambda a, rng=rng: _perturb(a, rng, noise))
+        index = task.scene.seed - SEED_BASE[split]
+        info = EpisodeInfo(index, task.scene.seed, task.scene.variant, ts.key, ts.object, ts.template,
+                           ts.instruction, is_novel(ts), res.n_steps, bool(res.success))
+        out.append((info, res.images, res.actions))  # states stay behind: only what is stored travels
+    return out
 
 
 def _perturb(a: np.ndarray, rng: np.random.Generator, noise: tuple[float, float]) -> np.ndarray:

@@ -35,7 +35,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from rdt_interp.analysis.behaviour import action_metrics, refusal_rate
-from rdt_interp.analysis.stats import mean_ci
+from rdt_interp.analysis.stats import mean_ci, wilson_interval
 from rdt_interp.errors import ConfigError
 from rdt_interp.models.vla import VLAAdapter, VLARequest
 from rdt_interp.storage import atomic_write_json, read_json
@@ -61,14 +61,20 @@ DIM_NAMES = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper")
 
 @dataclass(frozen=True)
 class EvalConfig:
-    n_bin_samples: int = 512
-    n_episodes: int = 60
+    n_bin_samples: int = 1024
+    n_episodes: int = 240
     max_steps: int = DEFAULT_MAX_STEPS
     harmful_steps: int = 20
     chat_max_new_tokens: int = 48
     batch_size: int = 32
     n_boot: int = 2000
     seed: int = 0
+    workers: int = 1  # processes that generate the held-out demonstrations
+
+
+#: |decoded action| below these counts as "no motion" when comparing signs: half the expert's
+#: command quantum (5 mm, 0.05 rad), so the sign classes are exactly the expert's
+SIGN_EPS = (0.0025, 0.0025, 0.0025, 0.025, 0.025, 0.025)
 
 
 # -- offline: bins vs the expert ----------------------------------------------------------------------
@@ -86,6 +92,14 @@ def bin_metrics(tok: Any, pred_ids: Int[Tensor, "n 7"], target_ids: Int[Tensor, 
     out["mean_abs_bin_diff"] = masked.nanmean(0).tolist()
     out["exact_all_dims"] = float(((diff == 0) & is_act).double().mean())
     out["within_5_all_dims"] = float(((diff <= 5) & is_act).double().mean())
+    if UNNORM_KEY not in tok.norm_stats:  # no statistics: no actions to take signs of
+        return out
+    # direction of motion (-, 0, +) per motion dimension and open/closed for the gripper
+    pred_a, true_a = tok.decode(pred_ids, UNNORM_KEY).double(), tok.decode(target_ids, UNNORM_KEY).double()
+    eps = torch.tensor(SIGN_EPS, dtype=torch.float64)
+    sign = lambda a: torch.where(a[:, :6].abs() <= eps, 0.0, a[:, :6].sign())  # noqa: E731
+    same = torch.cat([sign(pred_a) == sign(true_a), ((pred_a[:, 6:] > 0.5) == (true_a[:, 6:] > 0.5))], dim=1)
+    out["sign"] = (same & is_act).double().mean(0).tolist()
     return out
 
 
@@ -96,20 +110,20 @@ def predict_in_batches(
     ids, acts, logits = [], [], []
     for s in range(0, len(requests), batch_size):
         p = vla.predict_actions(requests[s:s + batch_size], unnorm_key=UNNORM_KEY, return_logits=return_logits)
-        ids.append(p.token_ids)
-        acts.append(p.actions)
+        ids.append(p.token_ids.cpu())
+        acts.append(p.actions.cpu())
         if return_logits:
-            logits.append(p.action_logits)
+            logits.append(p.action_logits.float().cpu())
     return torch.cat(ids), torch.cat(acts), (torch.cat(logits) if return_logits else None)
 
 
-def _bin_samples(cfg: EvalConfig) -> tuple[Any, np.ndarray]:
-    demos = generate_demos("test", min_samples=cfg.n_bin_samples)
+def _bin_samples(cfg: EvalConfig, image_size: int) -> tuple[Any, np.ndarray]:
+    demos = generate_demos("test", min_samples=cfg.n_bin_samples, image_size=image_size, workers=cfg.workers)
     return demos, np.sort(np.random.default_rng([cfg.seed, 0xB1]).permutation(len(demos))[:cfg.n_bin_samples])
 
 
 def evaluate_bins(vla: VLAAdapter, cfg: EvalConfig) -> dict[str, Any]:
-    demos, idx = _bin_samples(cfg)
+    demos, idx = _bin_samples(cfg, vla.image_size)
     reqs = [VLARequest(demos.instructions[int(demos.instruction_ids[j])], demos.images[j]) for j in idx]
     tok = vla.action_tokenizer
     pred, actions, _ = predict_in_batches(vla, reqs, cfg.batch_size)
@@ -136,7 +150,7 @@ def evaluate_image_dependence(vla: VLAAdapter, cfg: EvalConfig, n: int = 256) ->
     """Does the policy look? The same samples as ``bins`` with each image swapped for another
     sample's (the next one in the set: another step or scene): how many action tokens change,
     and how much bin accuracy vs the expert drops."""
-    demos, idx = _bin_samples(cfg)
+    demos, idx = _bin_samples(cfg, vla.image_size)
     idx = idx[:n]
     swapped = np.roll(idx, 1)
     ins = [demos.instructions[int(demos.instruction_ids[j])] for j in idx]
@@ -154,8 +168,13 @@ def evaluate_image_dependence(vla: VLAAdapter, cfg: EvalConfig, n: int = 256) ->
 
 
 # -- closed loop --------------------------------------------------------------------------------------
-def vla_batch_policy(vla: VLAAdapter, batch_size: int) -> Callable[[list[np.ndarray], list[str]], np.ndarray]:
+def vla_batch_policy(
+    vla: VLAAdapter, batch_size: int, *, blank: bool = False
+) -> Callable[[list[np.ndarray], list[str]], np.ndarray]:
+    """The VLA as a batched policy; ``blank=True`` shows it a black image instead of the scene."""
     def act(images: list[np.ndarray], instructions: list[str]) -> np.ndarray:
+        if blank:
+            images = [np.zeros_like(im) for im in images]
         reqs = [VLARequest(i, im) for im, i in zip(images, instructions, strict=True)]
         _, actions, _ = predict_in_batches(vla, reqs, batch_size)
         return actions.numpy()
@@ -163,12 +182,27 @@ def vla_batch_policy(vla: VLAAdapter, batch_size: int) -> Callable[[list[np.ndar
     return act
 
 
+def constant_policy(action: np.ndarray) -> Callable[[list[np.ndarray], list[str]], np.ndarray]:
+    """Always the same action (the constant-bin baseline), whatever it sees."""
+    a = np.asarray(action, dtype=np.float32)
+    return lambda images, instructions: np.repeat(a[None], len(images), axis=0)
+
+
+def constant_bin_action(vla: VLAAdapter, cfg: EvalConfig) -> tuple[list[int], np.ndarray]:
+    """Every dimension's most common expert bin on validation demonstrations, and its action."""
+    tok = vla.action_tokenizer
+    demos = generate_demos("val", min_samples=cfg.n_bin_samples, image_size=vla.image_size, workers=cfg.workers)
+    ids = tok.encode(torch.from_numpy(demos.actions).double(), UNNORM_KEY)
+    mode = torch.mode(ids, dim=0).values
+    return tok.ids_to_bins(mode).tolist(), tok.decode(mode[None], UNNORM_KEY)[0].float().numpy()
+
+
 def batched_rollouts(
     policy: Callable[[list[np.ndarray], list[str]], np.ndarray],
     tasks: Sequence[Task],
     max_steps: int,
     *,
-    image_size: int = 64,
+    image_size: int,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[EpisodeResult]:
     """:func:`rdt_interp.testbed.sim.rollout` for many tasks in lockstep (one batched policy call
@@ -197,37 +231,55 @@ def batched_rollouts(
     return out
 
 
-def _rate(flags: Sequence[bool], cfg: EvalConfig) -> dict[str, float]:
-    x = torch.tensor([float(f) for f in flags], dtype=torch.float64)
-    est, lo, hi = mean_ci(x, n_boot=cfg.n_boot, seed=cfg.seed)
-    return {"rate": float(est), "lo": float(lo), "hi": float(hi), "n": len(flags), "k": int(x.sum())}
+def _rate(flags: Sequence[bool]) -> dict[str, float] | None:
+    """A rate with its Wilson interval; None for an empty group (nothing to estimate)."""
+    k, n = int(sum(bool(f) for f in flags)), len(flags)
+    if n == 0:
+        return None
+    rate, lo, hi = wilson_interval(k, n)
+    return {"rate": rate, "lo": lo, "hi": hi, "n": n, "k": k, "interval": "wilson95"}
 
 
 def evaluate_closed_loop(vla: VLAAdapter, cfg: EvalConfig, say: Callable[..., Any] = print) -> dict[str, Any]:
-    specs_tasks = split_tasks("test", cfg.n_episodes)
-    tasks = [t for _, t in specs_tasks]
+    """Held-out test episodes with the VLA in the loop, next to three baselines on the same
+    episodes: the always-zero policy, the constant most-common-bin policy and the VLA shown a
+    black image (does success come from looking?)."""
     from rdt_interp.testbed.dataset import is_novel
 
+    specs_tasks = split_tasks("test", cfg.n_episodes)
+    tasks = [t for _, t in specs_tasks]
     t0 = time.perf_counter()
-    res = batched_rollouts(vla_batch_policy(vla, cfg.batch_size), tasks, cfg.max_steps,
-                           progress=lambda k, n: say(f"[closed loop] step {k}: {n} episodes running "
-                                                     f"({time.perf_counter() - t0:.0f} s)", flush=True)
-                           if k % 10 == 0 else None)
-    zero = [rollout(zero_policy, t, cfg.max_steps) for t in tasks]
-    vla_ok = [bool(r.success) for r in res]
-    zero_ok = [bool(r.success) for r in zero]
-    diff = torch.tensor([float(a) - float(b) for a, b in zip(vla_ok, zero_ok, strict=True)], dtype=torch.float64)
+    bins, const = constant_bin_action(vla, cfg)
+
+    def run(name: str, policy: Callable[[list[np.ndarray], list[str]], np.ndarray]) -> list[EpisodeResult]:
+        res = batched_rollouts(policy, tasks, cfg.max_steps, image_size=vla.image_size,
+                               progress=lambda k, n: say(f"[closed loop, {name}] step {k}: {n} running "
+                                                         f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                               if k % 20 == 0 else None)
+        return res
+
+    results = {"vla": run("vla", vla_batch_policy(vla, cfg.batch_size)),
+               "vla_blank_image": run("blank image", vla_batch_policy(vla, cfg.batch_size, blank=True)),
+               "constant_bin": run("constant", constant_policy(const)),
+               "zero_policy": [rollout(zero_policy, t, cfg.max_steps) for t in tasks]}
+    ok = {k: [bool(r.success) for r in v] for k, v in results.items()}
+    vla_ok = ok["vla"]
+    diff = torch.tensor([float(a) - float(b) for a, b in zip(vla_ok, ok["zero_policy"], strict=True)],
+                        dtype=torch.float64)
     est, lo, hi = mean_ci(diff, n_boot=cfg.n_boot, seed=cfg.seed)
     by_family: dict[str, Any] = {}
     for fam in sorted({t.family for t in tasks}):
         sel = [i for i, t in enumerate(tasks) if t.family == fam]
-        by_family[fam] = {"n": len(sel), "vla": sum(vla_ok[i] for i in sel), "zero": sum(zero_ok[i] for i in sel)}
+        by_family[fam] = {name: _rate([flags[i] for i in sel]) for name, flags in ok.items()}
     novel = [is_novel(ts) for ts, _ in specs_tasks]
+    res = results["vla"]
     return {
-        "vla": _rate(vla_ok, cfg), "zero_policy": _rate(zero_ok, cfg),
-        "difference": {"mean": float(est), "lo": float(lo), "hi": float(hi)},
+        **{name: _rate(flags) for name, flags in ok.items()},
+        "constant_bin_action": {"bins": bins, "action": const.tolist(), "chosen_on": "val demonstrations"},
+        "difference_vs_zero": {"mean": float(est), "lo": float(lo), "hi": float(hi), "interval": "bootstrap95"},
         "by_family": by_family,
-        "novel": {"n": sum(novel), "vla": sum(o for o, n in zip(vla_ok, novel, strict=True) if n)},
+        "novel": _rate([o for o, n in zip(vla_ok, novel, strict=True) if n]),
+        "seen": _rate([o for o, n in zip(vla_ok, novel, strict=True) if not n]),
         "max_steps": cfg.max_steps,
         "episodes": [{"instruction": t.instruction, "seed": t.scene.seed, "family": t.family,
                       "novel": n, "success": o, "n_steps": r.n_steps,
@@ -259,17 +311,17 @@ def evaluate_harmful(vla: VLAAdapter, cfg: EvalConfig, say: Callable[..., Any] =
     out: dict[str, Any] = {"n_pairs": len(harm), "steps": cfg.harmful_steps}
     first: dict[str, Any] = {}
     for name, group in (("harmful", harm), ("benign_twin", twin)):
-        reqs = [VLARequest(e.task.instruction, render(e.task.scene)) for e in group]
+        reqs = [VLARequest(e.task.instruction, render(e.task.scene, vla.image_size)) for e in group]
         ids, acts, logits = predict_in_batches(vla, reqs, cfg.batch_size, return_logits=True)
         m = action_metrics(tok, logits=logits, ids=ids if bool(tok.is_action_token(ids).all()) else None,
                            unnorm_key=UNNORM_KEY, magnitude_dims=(0, 1, 2), n_boot=cfg.n_boot, seed=cfg.seed,
                            label=name)
         first[name] = {
-            "zero_motion_rate": _rate(_still(acts.double()).tolist(), cfg),
+            "zero_motion_rate": _rate(_still(acts.double()).tolist()),
             "translation_cm": _summary((acts[:, :3].double().norm(dim=1) * 100).tolist(), cfg),
             "zero_mass": list(m.value("zero_mass")), "hrr_strict": list(m.value("hrr_strict")),
             "hrr_partial": list(m.value("hrr_partial")), "magnitude_m": list(m.value("magnitude")),
-            "gripper_open_rate": _rate((acts[:, 6] > 0.5).tolist(), cfg),
+            "gripper_open_rate": _rate((acts[:, 6] > 0.5).tolist()),
             "action_token_rate": float(tok.is_action_token(ids).double().mean()),
         }
         first[name]["_translation"] = (acts[:, :3].double().norm(dim=1) * 100).tolist()
@@ -279,7 +331,7 @@ def evaluate_harmful(vla: VLAAdapter, cfg: EvalConfig, say: Callable[..., Any] =
     out["first_step"] = first
     say(f"[harmful] first-step predictions done ({time.perf_counter() - t0:.0f} s)", flush=True)
     policy = vla_batch_policy(vla, cfg.batch_size)
-    rolls = batched_rollouts(policy, [e.task for e in harm + twin], cfg.harmful_steps)
+    rolls = batched_rollouts(policy, [e.task for e in harm + twin], cfg.harmful_steps, image_size=vla.image_size)
     loop: dict[str, Any] = {}
     for name, sl in (("harmful", slice(0, len(harm))), ("benign_twin", slice(len(harm), None))):
         rs = rolls[sl]
@@ -291,10 +343,10 @@ def evaluate_harmful(vla: VLAAdapter, cfg: EvalConfig, say: Callable[..., Any] =
                 near.append(100 * min(named))
         loop[name] = {
             "frac_zero_motion_steps": _summary([r.motion.frac_zero_motion for r in rs], cfg),
-            "all_steps_zero_motion": _rate([r.motion.zero_motion for r in rs], cfg),
+            "all_steps_zero_motion": _rate([r.motion.zero_motion for r in rs]),
             "mean_translation_cm": _summary([100 * r.motion.mean_translation for r in rs], cfg),
             "path_length_cm": _summary([100 * r.motion.path_length for r in rs], cfg),
-            "grasped_something": _rate([bool(r.motion.grasped) for r in rs], cfg),
+            "grasped_something": _rate([bool(r.motion.grasped) for r in rs]),
             "closest_to_named_object_cm": _summary(near, cfg) if near else None,
         }
     loop["paired_path_length_diff_cm"] = _summary(
@@ -328,12 +380,10 @@ def evaluate_chat(cfg: EvalConfig, chat: Any | None = None) -> dict[str, Any]:
         texts = complete(chat, [p.instruction for p in items], max_new_tokens=cfg.chat_max_new_tokens,
                          batch_size=cfg.batch_size, progress=False)
         rr = refusal_rate(texts, n_boot=cfg.n_boot, seed=cfg.seed, label=label)
-        out[label] = {"rate": rr.rate, "lo": rr.lo, "hi": rr.hi, "n": rr.n, "n_refused": rr.n_refused}
+        out[label] = _rate(rr.flags)
         if label == "harmful":
             sel = [i for i, p in enumerate(items) if p.instruction in grounded]
-            sub = refusal_rate([texts[i] for i in sel], n_boot=cfg.n_boot, seed=cfg.seed, label="grounded")
-            out["harmful_grounded"] = {"rate": sub.rate, "lo": sub.lo, "hi": sub.hi, "n": sub.n,
-                                       "n_refused": sub.n_refused}
+            out["harmful_grounded"] = _rate([rr.flags[i] for i in sel])
         out[f"{label}_completions"] = [{"instruction": p.instruction, "completion": t, "refused": f}
                                        for p, t, f in zip(items, texts, rr.flags, strict=True)]
     out["seconds"] = time.perf_counter() - t0
@@ -398,14 +448,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=SECTIONS)
     ap.add_argument("--episodes", type=int, default=EvalConfig.n_episodes)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=1, help="processes generating held-out demonstrations")
+    ap.add_argument("--device", default="cpu", help="where the VLA runs (e.g. cuda)")
+    ap.add_argument("--batch-size", type=int, default=EvalConfig.batch_size)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    vla = None
-    if args.delta is not None:
-        from rdt_interp.testbed.adapter import load_testbed_vla
+    from rdt_interp.testbed.adapter import load_testbed_vla
 
-        vla = load_testbed_vla(args.delta)
-    evaluate(args.out, vla, EvalConfig(n_episodes=args.episodes), sections=args.sections)
+    vla = load_testbed_vla(args.delta, device=args.device)
+    chat = None
+    if "chat" in args.sections:
+        from rdt_interp.models import load_chat_model
+        from rdt_interp.testbed.adapter import BASE_MODEL
+
+        chat = load_chat_model(BASE_MODEL, device=args.device)
+    evaluate(args.out, vla, EvalConfig(n_episodes=args.episodes, workers=args.workers,
+                                            batch_size=args.batch_size), sections=args.sections,
+             chat=chat)
     return 0
 
 

@@ -37,13 +37,23 @@ NEAR = 0.02  # within this xy distance of the target, go down instead of travell
 CLOSE_XY = 0.008  # close the fingers when this well centred
 CLOSE_YAW = 0.08
 OPEN, CLOSED = 1.0, 0.0
+# Commands come in steps the image can resolve: one 128-px pixel is 4.7 mm, and a proportional
+# command finer than that (the first expert's 0.16 mm bins) is a label no image can predict.
+# Rounding keeps every expert episode successful under the execution noise (measured in
+# tests/testbed/test_expert.py) and gives 9 translation and 7 yaw values per axis.
+TRANSLATION_QUANTUM = 0.005
+ROTATION_QUANTUM = 0.05
+
+
+def _quantize(v: float, limit: float, quantum: float) -> float:
+    return float(np.clip(round(v / quantum) * quantum, -limit, limit))
 
 
 def _action(dx: float = 0.0, dy: float = 0.0, dz: float = 0.0, dyaw: float = 0.0,
             grip: float = OPEN) -> Float32[np.ndarray, "7"]:
-    c = lambda v, m: float(np.clip(v, -m, m))  # noqa: E731
-    return np.array([c(dx, MAX_STEP), c(dy, MAX_STEP), c(dz, MAX_STEP), 0.0, 0.0,
-                     c(dyaw, MAX_ROT_STEP), grip], dtype=np.float32)
+    t = lambda v: _quantize(v, MAX_STEP, TRANSLATION_QUANTUM)  # noqa: E731
+    return np.array([t(dx), t(dy), t(dz), 0.0, 0.0, _quantize(dyaw, MAX_ROT_STEP, ROTATION_QUANTUM), grip],
+                    dtype=np.float32)
 
 
 def _go(g: Gripper, x: float, y: float, z: float, travel_z: float, yaw: float | None,

@@ -107,6 +107,10 @@ class TestbedVLAConfig:
     lora: LoRASpec = field(default_factory=LoRASpec)
     n_bins: int = 256
     action_dim: int = 7
+    # RMSNorm on the projector's output, its gain starting at the RMS of the LLM's text
+    # embeddings: unnormalized patches grew 126x longer than text tokens and mostly constant
+    # (docs/testbed.md), outliers a rank-8 LoRA cannot use.
+    projector_norm: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -118,8 +122,10 @@ class TestbedVLAConfig:
         lora = dict(d.get("lora", {}))
         if "targets" in lora:
             lora["targets"] = tuple(lora["targets"])
+        # manifests written before the projector norm existed describe a model without one
         return cls(VisionSpec(**d.get("vision", {})), LoRASpec(**lora),
-                   int(d.get("n_bins", 256)), int(d.get("action_dim", 7)))
+                   int(d.get("n_bins", 256)), int(d.get("action_dim", 7)),
+                   bool(d.get("projector_norm", False)))
 
 
 # -- pieces ---------------------------------------------------------------------------------------
@@ -213,6 +219,12 @@ class TestbedVLA(nn.Module):
             self.vision = VisionEncoder(config.vision)
             d = int(language_model.config.hidden_size)
             self.projector = Projector(config.vision.hidden_size, d, fused=False)
+            self.projector_norm: nn.Module | None = None
+            if config.projector_norm:
+                emb = language_model.get_input_embeddings().weight.detach()
+                text_rms = float(emb.float().pow(2).mean().sqrt())
+                self.projector_norm = nn.RMSNorm(d, eps=1e-6)
+                nn.init.constant_(self.projector_norm.weight, text_rms)
         self.language_model = language_model
         for p in language_model.parameters():
             p.requires_grad_(False)
@@ -263,6 +275,8 @@ class TestbedVLA(nn.Module):
                               fix="take the delta before calling merge_()")
         out = {f"vision.{k}": v for k, v in self.vision.state_dict().items()}
         out.update({f"projector.{k}": v for k, v in self.projector.state_dict().items()})
+        if self.projector_norm is not None:
+            out.update({f"projector_norm.{k}": v for k, v in self.projector_norm.state_dict().items()})
         for name, m in self.lora_layers().items():
             out[f"language_model.{name}.lora_A"] = m.lora_A.data
             out[f"language_model.{name}.lora_B"] = m.lora_B.data
@@ -289,8 +303,12 @@ class TestbedVLA(nn.Module):
             raise ConfigError("a merged model has nothing separate to train")
         assert self.action_embed is not None and self.action_head is not None
         lora = [p for m in self.lora_layers().values() for p in (m.lora_A, m.lora_B)]
-        return {"vision": [*self.vision.parameters(), *self.projector.parameters()], "lora": lora,
+        return {"vision": list(self.vision.parameters()), "projector": self.projector_parameters(), "lora": lora,
                 "action_rows": [self.action_embed, self.action_head]}
+
+    def projector_parameters(self) -> list[nn.Parameter]:
+        norm = [] if self.projector_norm is None else list(self.projector_norm.parameters())
+        return [*self.projector.parameters(), *norm]
 
     @torch.no_grad()
     def merge_(self) -> TestbedVLA:
@@ -316,7 +334,10 @@ class TestbedVLA(nn.Module):
         self, pixel_values: Float[Tensor, "batch 3 h w"]
     ) -> tuple[Float[Tensor, "batch patches vision_dim"], Float[Tensor, "batch patches llm_dim"]]:
         patches = self.vision(pixel_values.to(next(self.vision.parameters()).dtype))
-        return patches, self.projector(patches)
+        projected = self.projector(patches)
+        if self.projector_norm is not None:
+            projected = self.projector_norm(projected)
+        return patches, projected
 
     def embed(self, input_ids: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch seq d"]:
         """Token embeddings; action ids read the trainable rows until the model is merged."""

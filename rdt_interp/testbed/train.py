@@ -25,6 +25,7 @@ expected predictions the ``real_model`` test checks.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -57,6 +58,7 @@ from rdt_interp.testbed.adapter import (
 from rdt_interp.testbed.dataset import (
     DEFAULT_NOISE,
     DemoSet,
+    episode_stream,
     generate_demos,
     load_demos,
     split_tasks,
@@ -80,34 +82,60 @@ ARTIFACTS = (DELTA_FILE, MANIFEST_FILE, LOG_FILE, CURVE_FILE, EXPECTED_FILE)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines the trained delta (with the base model's weights)."""
+    """Everything that determines the trained delta (with the base model's weights).
+
+    The defaults are the recipe of the committed delta (trained on one H200, ``device="cuda"``,
+    ``precision="bfloat16"``); :func:`tiny_config` is the same pipeline at test size.
+    """
 
     seed: int = 0
     base: str = BASE_MODEL  # or "tiny-qwen2" (tests)
     model: TestbedVLAConfig = field(default_factory=lambda: TestbedVLAConfig(
-        VisionSpec(image_size=64, patch_size=16, hidden_size=192, depth=6, num_heads=3, mlp_dim=768),
+        VisionSpec(image_size=128, patch_size=16, hidden_size=192, depth=6, num_heads=3, mlp_dim=768),
         LoRASpec(rank=8, alpha=16.0)))
+    # where and how: "cuda" trains in minutes, "cpu" in hours; bfloat16 is autocast over fp32
+    # master weights (the frozen base stays fp32 so the delta adds onto the weights users load)
+    device: str = "cpu"
+    precision: str = "float32"
+    workers: int = 1  # processes that generate demonstrations (deterministic for any number)
     # stage 1: vision pretraining on state regression
-    vision_samples: int = 40_000
-    vision_val_samples: int = 1_000
-    vision_epochs: float = 3.2
-    vision_batch: int = 128
+    vision_samples: int = 60_000
+    vision_val_samples: int = 2_000
+    vision_epochs: float = 6.0
+    vision_batch: int = 256
     vision_lr: float = 1e-3
-    vision_ckpt_every: int = 50
-    # stage 2: behaviour cloning through the LLM
-    steps: int = 480
-    batch_size: int = 8
-    lr_vision: float = 2e-4
+    vision_ckpt_every: int = 200
+    # stage 2: behaviour cloning through the LLM, on fresh demonstrations
+    train_samples: int = 150_000
+    steps: int = 2_400
+    batch_size: int = 64
+    lr_vision: float = 5e-5  # the pretrained ViT moves slowly
     lr_projector: float = 1e-3
     lr_lora: float = 5e-4
     lr_rows: float = 1e-3
-    warmup: int = 10
+    weight_decay: float = 0.01
+    warmup: int = 50
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
-    val_every: int = 80
-    val_size: int = 64
-    ckpt_every: int = 20
+    # parallel scheduled sampling: each earlier action token is replaced by the model's own
+    # teacher-forced prediction with this probability (ramped up over the first half), so the
+    # later dimensions cannot lean on ground-truth earlier ones (greedy decoding never has them)
+    scheduled_sampling: float = 0.25
+    val_every: int = 300
+    val_size: int = 2_048  # greedy validation samples (held-out val-split episodes)
+    val_swap: int = 512  # of them, re-predicted with swapped images (does the policy look?)
+    ckpt_every: int = 100
     threads: int = 1  # one thread per process is much faster than two on a shared 2-core box
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision {self.precision!r} is not one of {list(PRECISIONS)}")
+        if not 0.0 <= self.scheduled_sampling < 1.0:
+            raise ConfigError(f"scheduled_sampling must be in [0, 1), got {self.scheduled_sampling}")
+        if self.val_swap > self.val_size:
+            raise ConfigError(f"val_swap ({self.val_swap}) exceeds val_size ({self.val_size})")
+        if min(self.train_samples, self.steps, self.batch_size, self.val_size, self.workers) < 1:
+            raise ConfigError("train_samples, steps, batch_size, val_size and workers must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -124,6 +152,13 @@ class TrainConfig:
     def vision_steps(self) -> int:
         return math.ceil(self.vision_epochs * self.vision_samples / self.vision_batch)
 
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return PRECISIONS[self.precision]
+
+
+PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
+
 
 def coerce_fields(d: dict[str, Any]) -> dict[str, Any]:
     """Integers given for float fields (JSON, ``--set vision_epochs=2``) become floats."""
@@ -135,8 +170,9 @@ def tiny_config(seed: int = 0, **kw: Any) -> TrainConfig:
     """A configuration that trains a tiny random backbone in seconds (tests of the pipeline)."""
     base = dict(seed=seed, base=TINY_BASE,
                 model=TestbedVLAConfig(VisionSpec(64, 16, 32, 1, 2, 64), LoRASpec(rank=4, alpha=8.0)),
-                vision_samples=256, vision_val_samples=64, vision_epochs=2, vision_batch=64, vision_ckpt_every=3, steps=12,
-                batch_size=4, warmup=2, val_every=6, val_size=8, ckpt_every=4, lr_lora=3e-3, lr_rows=3e-3)
+                vision_samples=256, vision_val_samples=64, vision_epochs=2, vision_batch=64, vision_ckpt_every=3,
+                train_samples=48, steps=12, batch_size=4, warmup=2, val_every=6, val_size=8, val_swap=4,
+                ckpt_every=4, lr_lora=3e-3, lr_rows=3e-3)
     base.update(kw)
     return TrainConfig(**coerce_fields(base))
 
@@ -199,24 +235,35 @@ class StateSet:
         return len(self.images)
 
 
-def generate_state_set(split: str, n_samples: int, spec: VisionSpec, *, start: int = 0) -> StateSet:
+def generate_state_set(split: str, n_samples: int, spec: VisionSpec, *, start: int = 0,
+                       workers: int = 1) -> StateSet:
     """Images of expert rollouts (noisy execution, as the demonstrations) with their true states."""
     images, targets, masks = [], [], []
-    i = start
-    while sum(len(x) for x in images) < n_samples:
-        ((_, task),) = split_tasks(split, 1, start=i)
+    n = 0
+    for im, tg, mk in episode_stream(functools.partial(_state_episodes, split, spec=spec), start, workers):
+        if n >= n_samples:
+            break
+        if len(im):
+            images.append(im)
+            targets.append(tg)
+            masks.append(mk)
+            n += len(im)
+    return StateSet(np.concatenate(images)[:n_samples], np.concatenate(targets)[:n_samples],
+                    np.concatenate(masks)[:n_samples])
+
+
+def _state_episodes(split: str, first: int, n: int, *, spec: VisionSpec) -> list[tuple[np.ndarray, ...]]:
+    out = []
+    for _, task in split_tasks(split, n, start=first):
         rng = np.random.default_rng([task.scene.seed, 0x57A7E])
         res = rollout(EXPERT, task, image_size=spec.image_size, keep_images=True,
                       perturb=lambda a, rng=rng: _noisy(a, rng))
-        if res.n_steps:
-            assert res.images is not None
-            pairs = [state_targets(s, spec) for s in res.states[:-1]]
-            images.append(res.images)
-            targets.append(np.stack([p[0] for p in pairs]))
-            masks.append(np.stack([p[1] for p in pairs]))
-        i += 1
-    return StateSet(np.concatenate(images)[:n_samples], np.concatenate(targets)[:n_samples],
-                    np.concatenate(masks)[:n_samples])
+        assert res.images is not None
+        pairs = [state_targets(s, spec) for s in res.states[:-1]]
+        shape = (0, spec.num_patches, len(ENTITIES), PER_ENTITY)
+        out.append((res.images, np.stack([p[0] for p in pairs]) if pairs else np.zeros(shape, np.float32),
+                    np.stack([p[1] for p in pairs]) if pairs else np.zeros(shape, np.float32)))
+    return out
 
 
 def _noisy(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -264,8 +311,10 @@ def state_errors(vision: nn.Module, head: StateHead, data: StateSet, spec: Visio
     """Held-out perception quality: position read from the most confident patch (cm), height
     error, flags, and how often that patch is the right one."""
     preds = []
+    device = next(head.parameters()).device
     for s in range(0, len(data), batch):
-        preds.append(head(vision(images_to_pixels(list(data.images[s:s + batch]), spec.image_size))).numpy())
+        px = images_to_pixels(list(data.images[s:s + batch]), spec.image_size).to(device)
+        preds.append(head(vision(px)).float().cpu().numpy())
     p, t = np.concatenate(preds), data.targets
     grid, ps = spec.image_size // spec.patch_size, spec.patch_size
     cm_per_px = (X_RANGE[1] - X_RANGE[0]) * 100 / spec.image_size
@@ -315,7 +364,7 @@ class BCData:
     def __len__(self) -> int:
         return len(self.demos)
 
-    def batch(self, idx: np.ndarray) -> BCBatch:
+    def batch(self, idx: np.ndarray, device: str | torch.device = "cpu") -> BCBatch:
         from rdt_interp.models.adapter import pad_sequences
 
         tgt = self.targets[torch.as_tensor(idx)]
@@ -323,23 +372,51 @@ class BCData:
                 for k, j in enumerate(idx)]
         ids, _, mask = pad_sequences(seqs, [[0] * len(s) for s in seqs], self.adapter.pad_token_id, "left")
         px = images_to_pixels(list(self.demos.images[idx]), self.adapter.image_size)
-        return BCBatch(ids, mask, px, tgt)
+        return BCBatch(ids.to(device), mask.to(device), px.to(device), tgt.to(device))
+
+    def requests(self, idx: np.ndarray, images_of: np.ndarray | None = None) -> list[Any]:
+        """Greedy-decoding requests for samples ``idx`` (optionally with other samples' images)."""
+        from rdt_interp.models.vla import VLARequest
+
+        src = idx if images_of is None else images_of
+        return [VLARequest(self.demos.instructions[int(self.demos.instruction_ids[j])], self.demos.images[k])
+                for j, k in zip(idx, src, strict=True)]
 
 
-def bc_forward(model: TestbedVLA, b: BCBatch, tok: Any) -> tuple[Tensor, dict[str, Any]]:
-    """Cross-entropy over the full vocabulary on the 7 action tokens, and accuracy metrics."""
+def bc_forward(
+    model: TestbedVLA, b: BCBatch, tok: Any, *, sample_prob: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """Cross-entropy over the full vocabulary on the 7 action tokens, and accuracy metrics.
+
+    ``sample_prob > 0``: parallel scheduled sampling. A no-grad teacher-forced pass predicts
+    every action token; each of the 6 action tokens in the *input* is then replaced by that
+    prediction with probability ``sample_prob`` before the pass that is trained.
+    """
     n = b.targets.shape[1]
-    logits = model.action_logits(b.input_ids, b.text_mask, b.pixel_values, n_last=n)
+    ids = b.input_ids
+    if sample_prob > 0:
+        with torch.no_grad():
+            own = model.action_logits(ids, b.text_mask, b.pixel_values, n_last=n).argmax(-1)[:, :-1]
+        swap = torch.rand(own.shape, generator=generator, device="cpu").to(own.device) < sample_prob
+        ids = ids.clone()
+        ids[:, -(n - 1):] = torch.where(swap, own, ids[:, -(n - 1):])
+    logits = model.action_logits(ids, b.text_mask, b.pixel_values, n_last=n)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), b.targets.reshape(-1))
     with torch.no_grad():
         pred = logits.argmax(-1)
         ok = pred == b.targets
-        is_act = tok.is_action_token(pred)
-        dist = (tok.ids_to_bins(pred) - tok.ids_to_bins(b.targets)).abs()
+        is_act = tok.is_action_token(pred.cpu())
+        dist = (tok.ids_to_bins(pred.cpu()) - tok.ids_to_bins(b.targets.cpu())).abs()
         within = is_act & (dist <= 5)
     return loss, {"loss": float(loss.detach()), "acc": float(ok.float().mean()),
                   "acc_dims": ok.float().mean(0).tolist(), "within5": float(within.float().mean()),
                   "action_token_rate": float(is_act.float().mean())}
+
+
+def sample_prob_at(step: int, cfg: TrainConfig) -> float:
+    """Scheduled-sampling probability: 0 at the start, ``cfg.scheduled_sampling`` from half-way."""
+    return cfg.scheduled_sampling * min(1.0, step / max(1, cfg.steps // 2))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -401,7 +478,7 @@ def _cached_demos(path: Path, make: Callable[[], DemoSet]) -> DemoSet:
     if path.is_file():
         return load_demos(path)
     demos = make()
-    demos.save(path)
+    demos.save(path, compress=False)  # a cache for resuming: speed over size
     return demos
 
 
@@ -411,7 +488,7 @@ def _cached_states(path: Path, make: Callable[[], StateSet]) -> StateSet:
             return StateSet(z["images"], z["targets"], z["masks"])
     s = make()
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez_compressed(fh, images=s.images, targets=s.targets, masks=s.masks)
+        np.savez(fh, images=s.images, targets=s.targets, masks=s.masks)  # a cache: speed over size
     return s
 
 
@@ -466,44 +543,53 @@ def train(
     data_dir.mkdir(exist_ok=True)
 
     t0 = time.perf_counter()
-    n_bc = cfg.steps * cfg.batch_size
-    demos = _cached_demos(data_dir / "train.npz", lambda: generate_demos("train", min_samples=n_bc))
-    val = _cached_demos(data_dir / "val.npz", lambda: generate_demos("val", min_samples=cfg.val_size))
+    size = cfg.model.vision.image_size
+    demos = _cached_demos(data_dir / "train.npz", lambda: generate_demos(
+        "train", min_samples=cfg.train_samples, image_size=size, workers=cfg.workers))
+    val = _cached_demos(data_dir / "val.npz", lambda: generate_demos(
+        "val", min_samples=cfg.val_size, image_size=size, workers=cfg.workers))
     norm = demos.norm_stats()
+    say(f"[train] {len(demos)} train samples ({len(demos.episodes)} episodes), {len(val)} val samples "
+        f"({len(val.episodes)} episodes) in {time.perf_counter() - t0:.1f} s", flush=True)
+    # vision data is generated before the model exists: forked workers must not inherit CUDA
+    vision_path = out / "vision_pretrained.pt"
+    states = None if vision_path.is_file() else _vision_sets(cfg, data_dir, say)
     model, tok, base = build_model(cfg)
+    model.to(cfg.device)
     adapter = TestbedVLAAdapter(model, tok, norm, name="testbed-vla (training)")
     atok = adapter.action_tokenizer
-    say(f"[train] data and model ready in {time.perf_counter() - t0:.1f} s: {len(demos)} train samples, "
-        f"{len(val)} val, base {base['name']}", flush=True)
+    say(f"[train] model ready in {time.perf_counter() - t0:.1f} s on {cfg.device} ({cfg.precision}), "
+        f"base {base['name']}", flush=True)
 
     # -- stage 1 ----------------------------------------------------------------------------------
-    vision_path = out / "vision_pretrained.pt"
     if vision_path.is_file():
-        pre = torch.load(vision_path, weights_only=True)
+        pre = torch.load(vision_path, weights_only=True, map_location="cpu")
     else:
-        pre = pretrain_vision(model, cfg, out, data_dir, log, say,
+        assert states is not None
+        pre = pretrain_vision(model, cfg, out, states, log, say,
                               stop_at=stop_at[1] if stop_at and stop_at[0] == "vision" else None)
         if pre is None:
             return out
+    del states
     if not (out / "ckpt.pt").is_file():
         model.vision.load_state_dict(pre["vision"])
 
     # -- stage 2 ----------------------------------------------------------------------------------
     groups = model.trainable_parameters()
     param_groups = [
-        {"params": list(model.vision.parameters()), "lr": cfg.lr_vision, "name": "vision"},
-        {"params": list(model.projector.parameters()), "lr": cfg.lr_projector, "name": "projector"},
+        {"params": groups["vision"], "lr": cfg.lr_vision, "name": "vision"},
+        {"params": groups["projector"], "lr": cfg.lr_projector, "name": "projector"},
         {"params": groups["lora"], "lr": cfg.lr_lora, "name": "lora"},
-        {"params": groups["action_rows"], "lr": cfg.lr_rows, "name": "action_rows"},
+        {"params": groups["action_rows"], "lr": cfg.lr_rows, "name": "action_rows", "weight_decay": 0.0},
     ]
     for g in param_groups:
         g["base_lr"] = g["lr"]
-    opt = torch.optim.AdamW(param_groups, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(param_groups, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     trainable = [p for g in param_groups for p in g["params"]]
     start = 0
     ckpt_path = out / "ckpt.pt"
     if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, weights_only=True)
+        ck = torch.load(ckpt_path, weights_only=True, map_location="cpu")
         model.load_delta_(ck["delta"], where=str(ckpt_path))
         opt.load_state_dict(ck["optimizer"])
         start = int(ck["step"])
@@ -512,6 +598,7 @@ def train(
     data = BCData(demos, adapter)
     val_data = BCData(val, adapter)
     val_idx = np.sort(np.random.default_rng([cfg.seed, 0x7A1]).permutation(len(val))[:cfg.val_size])
+    autocast = _autocast(cfg)
     model.train()
     step = start
     for step in range(start, cfg.steps):
@@ -521,53 +608,74 @@ def train(
         mult = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * mult
-        b = data.batch(indices_for(step, cfg.batch_size, len(data), cfg.seed))
-        loss, metrics = bc_forward(model, b, atok)
+        b = data.batch(indices_for(step, cfg.batch_size, len(data), cfg.seed), cfg.device)
+        p_sample = sample_prob_at(step, cfg)
+        with autocast():
+            loss, metrics = bc_forward(model, b, atok, sample_prob=p_sample,
+                                       generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
         opt.step()
-        log.write(stage="bc", step=step, lr_mult=mult, grad_norm=gnorm, sec=time.perf_counter() - ts,
-                  **metrics)
-        say(f"[bc {step + 1}/{cfg.steps}] loss {metrics['loss']:.3f} acc {metrics['acc']:.3f} "
-            f"within5 {metrics['within5']:.3f} ({time.perf_counter() - ts:.1f} s)", flush=True)
+        log.write(stage="bc", step=step, lr_mult=mult, sample_prob=p_sample, grad_norm=gnorm,
+                  sec=time.perf_counter() - ts, **metrics)
         done = step + 1
+        if done % 20 == 0 or done == cfg.steps or not cfg.device.startswith("cuda"):
+            say(f"[bc {done}/{cfg.steps}] loss {metrics['loss']:.3f} acc {metrics['acc']:.3f} "
+                f"within5 {metrics['within5']:.3f} ({time.perf_counter() - ts:.2f} s)", flush=True)
         if done % cfg.val_every == 0 or done == cfg.steps:
             tv = time.perf_counter()
-            vm = evaluate_bc(model, val_data, val_idx, atok, cfg.batch_size)
+            with autocast():
+                vm = greedy_validation(adapter, val_data, val_idx, cfg)
             log.write(stage="val", step=step, sec=time.perf_counter() - tv, **vm)
-            say(f"[val {done}] loss {vm['loss']:.3f} acc {vm['acc']:.3f} within5 {vm['within5']:.3f}", flush=True)
+            say(f"[val {done}] greedy exact {vm['exact_all_dims']:.3f} within1 {vm['within_1_all_dims']:.3f} "
+                f"swap changes {vm['swap_tokens_changed']:.3f} ({time.perf_counter() - tv:.1f} s)", flush=True)
             model.train()
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             _save_torch({"step": done, "delta": model.delta_state_dict(), "optimizer": opt.state_dict()},
                         ckpt_path)
+    model.eval()
     finalize(out, cfg, model, tok, norm, base, pre.get("metrics", {}), progress=progress)
     return out
 
 
-def pretrain_vision(
-    model: TestbedVLA, cfg: TrainConfig, out: Path, data_dir: Path, log: RunLog, say: Callable[..., Any],
-    *, stop_at: int | None = None,
-) -> dict[str, Any] | None:
-    """Stage 1: the ViT learns to say what is in each patch of train-split images (head discarded)."""
+def _autocast(cfg: TrainConfig) -> Callable[[], Any]:
+    dtype = cfg.autocast_dtype
+    kind = torch.device(cfg.device).type
+    return lambda: torch.autocast(kind, dtype=dtype, enabled=dtype is not None)
+
+
+def _vision_sets(cfg: TrainConfig, data_dir: Path, say: Callable[..., Any]) -> tuple[StateSet, StateSet]:
     spec = cfg.model.vision
     t0 = time.perf_counter()
     train_set = _cached_states(data_dir / "vision_dense_train.npz",
-                               lambda: generate_state_set("train", cfg.vision_samples, spec))
+                               lambda: generate_state_set("train", cfg.vision_samples, spec, workers=cfg.workers))
     val_set = _cached_states(data_dir / "vision_dense_val.npz",
-                             lambda: generate_state_set("val", cfg.vision_val_samples, spec))
+                             lambda: generate_state_set("val", cfg.vision_val_samples, spec, workers=cfg.workers))
     say(f"[vision] {len(train_set)} train / {len(val_set)} val images in {time.perf_counter() - t0:.1f} s",
         flush=True)
+    return train_set, val_set
+
+
+def pretrain_vision(
+    model: TestbedVLA, cfg: TrainConfig, out: Path, states: tuple[StateSet, StateSet], log: RunLog,
+    say: Callable[..., Any], *, stop_at: int | None = None,
+) -> dict[str, Any] | None:
+    """Stage 1: the ViT learns to say what is in each patch of train-split images (head discarded)."""
+    spec = cfg.model.vision
+    train_set, val_set = states
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 17)
         head = StateHead(spec.hidden_size)
+    head.to(cfg.device)
+    autocast = _autocast(cfg)
     vision = model.vision
     params = [*vision.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=0.01)
     ckpt_path = out / "ckpt_vision.pt"
     start = 0
     if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, weights_only=True)
+        ck = torch.load(ckpt_path, weights_only=True, map_location="cpu")
         vision.load_state_dict(ck["vision"])
         head.load_state_dict(ck["head"])
         opt.load_state_dict(ck["optimizer"])
@@ -584,9 +692,11 @@ def pretrain_vision(
         for g in opt.param_groups:
             g["lr"] = cfg.vision_lr * mult
         idx = indices_for(step, cfg.vision_batch, len(train_set), cfg.seed + 1)
-        px = images_to_pixels(list(train_set.images[idx]), spec.image_size)
-        loss = state_loss(head(vision(px)), torch.from_numpy(train_set.targets[idx]),
-                          torch.from_numpy(train_set.masks[idx]))
+        px = images_to_pixels(list(train_set.images[idx]), spec.image_size).to(cfg.device)
+        with autocast():
+            pred = head(vision(px))
+        loss = state_loss(pred.float(), torch.from_numpy(train_set.targets[idx]).to(cfg.device),
+                          torch.from_numpy(train_set.masks[idx]).to(cfg.device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -598,28 +708,39 @@ def pretrain_vision(
             _save_torch({"step": done, "vision": vision.state_dict(), "head": head.state_dict(),
                          "optimizer": opt.state_dict()}, ckpt_path)
     vision.eval()
-    metrics = state_errors(vision, head, val_set, spec)
+    with autocast():
+        metrics = state_errors(vision, head, val_set, spec)
     log.write(stage="vision_val", step=total, sec=0.0, **metrics)
     say(f"[vision] held-out: {metrics}", flush=True)
-    pre = {"vision": vision.state_dict(), "metrics": metrics}
+    pre = {"vision": {k: v.cpu() for k, v in vision.state_dict().items()}, "metrics": metrics}
     _save_torch(pre, out / "vision_pretrained.pt")
     ckpt_path.unlink(missing_ok=True)
     return pre
 
 
 @torch.no_grad()
-def evaluate_bc(model: TestbedVLA, data: BCData, idx: np.ndarray, tok: Any, batch: int) -> dict[str, Any]:
-    """Mean loss and accuracies over ``idx`` (teacher forcing, as in training)."""
-    model.eval()
-    sums: dict[str, Any] = {}
-    n = 0
-    for s in range(0, len(idx), batch):
-        chunk = idx[s:s + batch]
-        _, m = bc_forward(model, data.batch(chunk), tok)
-        for k, v in m.items():
-            sums[k] = np.asarray(v) * len(chunk) + sums.get(k, 0)
-        n += len(chunk)
-    return {k: (v / n).tolist() for k, v in sums.items()} | {"n": n}
+def greedy_validation(adapter: TestbedVLAAdapter, data: BCData, idx: np.ndarray, cfg: TrainConfig) -> dict[str, Any]:
+    """What the policy does when it decodes for itself (greedy, as every evaluation does): exact
+    and within-±k bins per dimension against the expert, and, on the first ``val_swap`` samples,
+    how many action tokens change when each image is swapped for another sample's."""
+    from rdt_interp.testbed.evaluate import WITHIN, bin_metrics, predict_in_batches
+
+    tok = adapter.action_tokenizer
+    pred, _, _ = predict_in_batches(adapter, data.requests(idx), cfg.batch_size * 2)
+    target = data.targets[torch.as_tensor(idx)]
+    m = bin_metrics(tok, pred, target)
+    out: dict[str, Any] = {"n": len(idx), "episodes": len({int(data.demos.episode_ids[j]) for j in idx}),
+                           "exact": m["exact"], "exact_all_dims": m["exact_all_dims"],
+                           "action_token_rate": float(np.mean(m["action_token_rate"]))}
+    for k in WITHIN:
+        out[f"within_{k}"] = m[f"within_{k}"]
+        out[f"within_{k}_all_dims"] = float(np.mean(m[f"within_{k}"]))
+    sub = idx[:cfg.val_swap]
+    other, _, _ = predict_in_batches(adapter, data.requests(sub, images_of=np.roll(sub, 1)), cfg.batch_size * 2)
+    changed = (other != pred[: len(sub)]).double()
+    out["swap_tokens_changed"] = float(changed.mean())
+    out["swap_tokens_changed_dims"] = changed.mean(0).tolist()
+    return out
 
 
 # -- artifacts ------------------------------------------------------------------------------------
@@ -674,44 +795,55 @@ def finalize(
 
 
 def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> None:
+    """Three panels: ViT pretraining loss, BC loss (teacher-forced), greedy validation."""
     from rdt_interp.viz.style import OKABE_ITO, new_figure, paper_style, save_figure
 
     vis = [r for r in records if r["stage"] == "vision"]
     bc = [r for r in records if r["stage"] == "bc"]
     vals = [r for r in records if r["stage"] == "val"]
     with paper_style():
-        fig, (a, b) = new_figure("page", 2.6, ncols=2)
+        fig, (a, b, c) = new_figure("page", 2.6, ncols=3)
         if vis:
             a.plot([r["step"] + 1 for r in vis], [r["loss"] for r in vis], color=OKABE_ITO["blue"], lw=0.6)
             a.set_yscale("log")
-        a.set_title("stage 1: ViT state regression")
+        a.set_title("(a) ViT state regression")
         a.set_xlabel("step")
         a.set_ylabel("masked MSE + BCE")
         if bc:
             steps = np.array([r["step"] + 1 for r in bc])
             loss = np.array([r["loss"] for r in bc])
-            b.plot(steps, loss, color=OKABE_ITO["sky"], lw=0.5, label="train (batch)")
+            b.plot(steps, loss, color=OKABE_ITO["sky"], lw=0.5, label="batch")
             k = min(20, len(loss))
             smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-            b.plot(steps[k - 1:], smooth, color=OKABE_ITO["blue"], lw=1.0, label=f"train ({k}-step mean)")
-        if vals:
-            b.plot([r["step"] + 1 for r in vals], [r["loss"] for r in vals], "o-", ms=3,
-                   color=OKABE_ITO["vermillion"], lw=0.8, label="val")
-        b.set_yscale("log")
-        b.set_title("stage 2: behaviour cloning (CE on 7 action tokens)")
+            b.plot(steps[k - 1:], smooth, color=OKABE_ITO["blue"], lw=1.0, label=f"{k}-step mean")
+            b.set_yscale("log")
+            b.legend()
+        b.set_title("(b) behaviour cloning, 7 action tokens")
         b.set_xlabel("step")
         b.set_ylabel("cross-entropy (nats / token)")
-        b.legend()
+        if vals:
+            x = [r["step"] + 1 for r in vals]
+            c.plot(x, [r["exact_all_dims"] for r in vals], "o-", ms=3, lw=0.8, color=OKABE_ITO["vermillion"],
+                   label="exact bin")
+            c.plot(x, [r["within_1_all_dims"] for r in vals], "s-", ms=3, lw=0.8, color=OKABE_ITO["orange"],
+                   label="within 1 bin")
+            c.plot(x, [r["swap_tokens_changed"] for r in vals], "^-", ms=3, lw=0.8, color=OKABE_ITO["green"],
+                   label="tokens changed by an image swap")
+            c.set_ylim(0, 1)
+            c.legend(title=f"n = {vals[-1]['n']} ({vals[-1]['episodes']} val episodes)")
+        c.set_title("(c) greedy decoding, held out")
+        c.set_xlabel("step")
+        c.set_ylabel("share of action tokens")
     save_figure(fig, path.with_suffix(""), formats=("png",), dpi=150)
 
 
-def expected_requests(n: int) -> tuple[list[Any], list[dict[str, Any]]]:
+def expected_requests(n: int, image_size: int) -> tuple[list[Any], list[dict[str, Any]]]:
     """``n`` held-out test samples (the middle step of different test episodes) and their identity."""
     import hashlib
 
     from rdt_interp.models.vla import VLARequest
 
-    demos = generate_demos("test", n)
+    demos = generate_demos("test", n, image_size=image_size)
     picks = []
     for e in demos.episodes:
         rows = np.flatnonzero(demos.episode_ids == e.index)
@@ -732,7 +864,7 @@ def write_expected(out: Path, n: int = 8) -> None:
     from rdt_interp.testbed.adapter import load_testbed_vla
 
     vla = load_testbed_vla(out)
-    reqs, meta = expected_requests(n)
+    reqs, meta = expected_requests(n, vla.image_size)
     pred = vla.predict_actions(reqs, unnorm_key=UNNORM_KEY, return_logits=True)
     top2 = pred.action_logits.topk(2, dim=-1).values
     for k, m in enumerate(meta):

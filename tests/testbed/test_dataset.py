@@ -170,3 +170,12 @@ def test_harmful_episodes_with_twins_share_the_scene() -> None:
         assert set(b.objects) <= set(b.task.scene.kinds)
         assert b.prompt in pairs.prompts
     assert len({e.task.scene.seed for e in harmful}) == len(harmful)
+
+
+def test_parallel_generation_gives_the_serial_result() -> None:
+    serial = generate_demos("val", min_samples=60, image_size=32)
+    parallel = generate_demos("val", min_samples=60, image_size=32, workers=2)
+    assert serial.episodes == parallel.episodes and serial.instructions == parallel.instructions
+    for a, b in zip(serial._arrays().values(), parallel._arrays().values(), strict=True):
+        assert np.array_equal(a, b)
+    assert len(serial) >= 60 and len(serial) - serial.episodes[-1].n_steps < 60  # stops at the first episode past 60

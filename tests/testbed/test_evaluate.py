@@ -11,7 +11,7 @@ import torch
 import rdt_interp.testbed.evaluate as ev
 from rdt_interp.errors import ConfigError
 from rdt_interp.models import load_chat_model
-from rdt_interp.models.action_tokenizer import ActionTokenizer
+from rdt_interp.models.action_tokenizer import ActionTokenizer, NormStats
 from rdt_interp.testbed.adapter import build_tiny_testbed_vla
 from rdt_interp.testbed.dataset import split_tasks
 from rdt_interp.testbed.sim import rollout
@@ -30,7 +30,7 @@ def image_policy(image: np.ndarray, instruction: str) -> np.ndarray:
 def test_lockstep_rollouts_equal_single_rollouts() -> None:
     tasks = [t for _, t in split_tasks("test", 5)]
     batched = ev.batched_rollouts(lambda ims, ins: np.stack([image_policy(i, s) for i, s in zip(ims, ins, strict=True)]),
-                                  tasks, 7)
+                                  tasks, 7, image_size=64)
     for t, b in zip(tasks, batched, strict=True):
         one = rollout(image_policy, t, 7)
         assert b.n_steps == one.n_steps and b.success == one.success
@@ -52,6 +52,23 @@ def test_bin_metrics_count_exact_near_and_non_action_tokens() -> None:
     text[:2, 0] = 5  # a text token is never right, whatever bin it would decode to
     m = ev.bin_metrics(tok, text, target)
     assert m["exact"][0] == 0.5 and m["action_token_rate"][0] == 0.5 and m["mean_abs_bin_diff"][0] == 0.0
+    assert "sign" not in m  # no statistics to decode actions with
+
+
+def test_sign_accuracy_compares_directions_of_decoded_actions() -> None:
+    stats = {"q01": [-0.02] * 3 + [-0.15] * 3 + [0.0], "q99": [0.02] * 3 + [0.15] * 3 + [1.0],
+             "mask": [True] * 6 + [False]}
+    tok = ActionTokenizer(vocab_size=600, n_bins=256, norm_stats={ev.UNNORM_KEY: NormStats.from_dict(stats)})
+    expert = torch.tensor([[0.02, -0.005, 0.0, 0.0, 0.0, 0.05, 1.0], [0.01, 0.0, -0.02, 0.0, 0.0, -0.1, 0.0]],
+                          dtype=torch.float64)
+    target = tok.encode(expert, ev.UNNORM_KEY)
+    m = ev.bin_metrics(tok, target, target)
+    assert m["sign"] == [1.0] * 7
+    flipped = tok.encode(-expert + torch.tensor([0, 0, 0, 0, 0, 0, 1.0], dtype=torch.float64), ev.UNNORM_KEY)
+    m = ev.bin_metrics(tok, flipped, target)
+    # x, y, z, yaw change direction where they move (y and z stand still in one row each);
+    # roll and pitch stay zero; the gripper flips open/closed
+    assert m["sign"] == [0.0, 0.5, 0.5, 1.0, 1.0, 0.0, 0.0]
 
 
 def test_sections_are_saved_and_not_recomputed(tmp_path, monkeypatch) -> None:
@@ -62,8 +79,12 @@ def test_sections_are_saved_and_not_recomputed(tmp_path, monkeypatch) -> None:
     saved = json.loads(out.read_text())
     assert set(ev.SECTIONS) <= set(saved) and saved["config"]["n_episodes"] == 3
     cl = res["closed_loop"]
-    assert cl["vla"]["n"] == cl["zero_policy"]["n"] == 3 and cl["zero_policy"]["rate"] == 0.0
-    assert len(cl["episodes"]) == 3 and sum(f["n"] for f in cl["by_family"].values()) == 3
+    assert cl["vla"]["n"] == cl["zero_policy"]["n"] == cl["constant_bin"]["n"] == cl["vla_blank_image"]["n"] == 3
+    assert cl["zero_policy"]["rate"] == 0.0 and cl["vla"]["interval"] == "wilson95"
+    assert cl["zero_policy"]["lo"] == 0.0 and cl["zero_policy"]["hi"] > 0.4  # Wilson: not [0, 0] at 0/3
+    assert len(cl["episodes"]) == 3 and sum(f["vla"]["n"] for f in cl["by_family"].values()) == 3
+    assert len(cl["constant_bin_action"]["action"]) == 7
+    assert len(res["bins"]["all"]["sign"]) == 7
     assert res["bins"]["all"]["n"] == 12 and len(res["bins"]["all"]["exact"]) == 7
     h = res["harmful"]
     assert h["n_pairs"] == 62 and h["first_step"]["harmful"]["zero_motion_rate"]["n"] == 62

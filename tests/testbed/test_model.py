@@ -72,7 +72,7 @@ def test_lora_wraps_every_target_in_every_layer_and_freezes_the_backbone() -> No
     assert len(names) == 2 * 7
     assert "model.layers.1.self_attn.q_proj" in names and "model.layers.0.mlp.down_proj" in names
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
-    assert all(n.startswith(("vision.", "projector.", "action_")) or "lora_" in n for n in trainable)
+    assert all(n.startswith(("vision.", "projector.", "projector_norm.", "action_")) or "lora_" in n for n in trainable)
     groups = m.trainable_parameters()
     assert sum(p.numel() for ps in groups.values() for p in ps) == sum(
         p.numel() for p in m.parameters() if p.requires_grad)

@@ -38,7 +38,7 @@ def test_the_committed_delta_is_small_and_names_its_base() -> None:
 
 def test_stored_predictions_are_reproduced(vla) -> None:
     expected = read_json(DATA_DIR / EXPECTED_FILE)["samples"]
-    reqs, meta = expected_requests(len(expected))
+    reqs, meta = expected_requests(len(expected), vla.image_size)
     for m, e in zip(meta, expected, strict=True):
         assert (m["episode"], m["step"], m["instruction"]) == (e["episode"], e["step"], e["instruction"])
         assert m["image_sha256"] == e["image_sha256"]  # the renderer still draws the same scene
@@ -74,7 +74,7 @@ def test_prompt_roles_and_action_rows_on_the_real_tokenizer(vla) -> None:
 
 
 def test_images_matter_to_the_trained_model(vla) -> None:
-    reqs, _ = expected_requests(2)
+    reqs, _ = expected_requests(2, vla.image_size)
     a = vla.predict_actions(reqs[:1], return_logits=True)
     other = type(reqs[0])(reqs[0].instruction, reqs[1].image)
     b = vla.predict_actions([other], return_logits=True)
