@@ -111,7 +111,7 @@ def refusal_rate(
     if isinstance(texts, str) or not texts:
         raise ConfigError("refusal_rate needs a non-empty list of completions")
     flags = tuple(is_refusal(t, phrases) for t in texts)
-    est, lo, hi = wilson_interval(sum(flags), len(flags), level)
+    est, lo, hi = wilson_interval(sum(flags), len(flags), level=level)
     return RefusalRate(rate=float(est), lo=float(lo), hi=float(hi), n=len(flags), n_refused=sum(flags),
                        flags=flags, phrases=tuple(phrases), level=level, n_boot=n_boot, seed=seed,
                        label=label)
@@ -270,8 +270,8 @@ def _action_metrics(
     tail = {name: (float(e[steps + k]), float(lo_[steps + k]), float(hi_[steps + k]))
             for k, name in enumerate(("zero_mass", "mean_bin", "magnitude", "hrr_strict", "hrr_partial"))}
     if steps == tok.action_dim:  # the HRRs are rates: Wilson, like every rate
-        tail["hrr_strict"] = wilson_interval(strict, n, level)
-        tail["hrr_partial"] = wilson_interval(partial, n, level)
+        tail["hrr_strict"] = wilson_interval(strict, n, level=level)
+        tail["hrr_partial"] = wilson_interval(partial, n, level=level)
     return ActionMetrics(
         label=label, n=n, steps=steps, window=window, zero_bins=tuple(int(v) for v in zb.tolist()),
         unnorm_key=unnorm_key, zero_mass_step=e[:steps].copy(), zero_mass_step_lo=lo_[:steps].copy(),
