@@ -149,13 +149,25 @@ def _print_summary(run_dir: Path) -> None:
     rows = [
         ("chat model", chat["model"]["name"] + (" (RANDOM WEIGHTS)" if chat["model"]["random_weights"] else "")),
         ("direction", f"layer {chat['layer']}, position {chat['position']}, |r| = {chat['direction_norm']:.2f}"
-         + ("" if chat["filters_passed"] else "  (no candidate passed the filters)")),
+         + ("" if chat["filters_passed"] else
+            f"  (no candidate passed the filters; relaxation: {chat.get('relaxation')})")),
         ("harmful refusal, baseline", pct(ev["baseline_harmful"], "refusal")),
         ("harmful compliance, r ablated", pct(ev["ablation_harmful"], "compliance")),
         ("harmless refusal, baseline", pct(ev["baseline_harmless"], "refusal")),
         (f"harmless refusal, +{chat['alpha']:g}·r", pct(ev["addition_harmless"], "refusal")),
         ("KL on harmless, r ablated", f"{chat['kl']['kl']:.3f} [{chat['kl']['lo']:.3f}, {chat['kl']['hi']:.3f}]"),
     ]
+    removed = chat.get("ablation_removed_refusals")
+    if removed and removed.get("n"):
+        rows.insert(4, ("baseline refusals removed by ablation",
+                        f"{100 * removed['rate']:5.1f}% [{100 * removed['lo']:.0f}, {100 * removed['hi']:.0f}] "
+                        f"({removed['k']} of {removed['n']})"))
+    rows.append(("rates", f"n = {ev['baseline_harmful']['n']} + {ev['baseline_harmless']['n']} test prompts, "
+                          "Wilson 95% CIs"))
+    if "departures" in chat:
+        deps = chat["departures"] or ["none (Arditi et al.'s procedure)"]
+        rows.append(("departures from the reference", deps[0]))
+        rows += [("", d) for d in deps[1:]]
     if path.is_file():
         s = read_json(path, what="study summary")
         if "vla" in s:

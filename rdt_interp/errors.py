@@ -120,3 +120,12 @@ class CorruptFileError(IntegrityError, ValueError):
 
 class TokenizerMismatchError(RdtError, ValueError):
     """A batch was encoded with another tokenizer than the model it is run on."""
+
+
+class SelectionError(RdtError):
+    """Direction selection found no candidate that passes its filters; ``scores`` holds the
+    scored candidates (the table the message shows)."""
+
+    def __init__(self, message: str, *, fix: str | None = None, scores: tuple = ()) -> None:
+        self.scores = scores
+        super().__init__(message, fix=fix)

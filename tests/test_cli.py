@@ -26,11 +26,13 @@ alphas = [1.0, 4.0]
 alpha_val_n = 4
 max_new_tokens = 4
 n_boot = 100
+filter_data = false    # random weights refuse nothing: the reference filter would keep no harmful prompt
 [chat.selection]
 screen_n = 3
 final_n = 5
 top_k = 2
 kl_threshold = 10.0
+if_none_pass = "unfiltered"
 """
 
 WITH_VLA = CHAT_ONLY.replace('name = "tiny-chat"', 'name = "tiny-study"') + """
@@ -120,6 +122,24 @@ def test_full_study_figures_and_inspect(tmp_path):
     assert {p.stem for p in figs.glob("*.pdf")} == names
     res = runner.invoke(app, ["inspect", str(out)])
     assert res.exit_code == 0 and "harmful compliance" in res.output
+    # the report names every departure from the reference procedure this config made
+    assert "departures from the reference" in res.output and "no data filtering" in res.output
+    chat = json.loads((out / "chat" / "summary.json").read_text())
+    assert any("screened" in d for d in chat["departures"])
+    assert chat["ablation_removed_refusals"]["n"] == sum(
+        json.loads((out / "chat" / "evaluation.json").read_text())["baseline_harmful"]["flags"])
+
+
+def test_selection_without_a_passing_candidate_stops_the_run_with_the_table(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(CHAT_ONLY.replace('if_none_pass = "unfiltered"', 'if_none_pass = "error"')
+                   .replace("kl_threshold = 10.0", "kl_threshold = -1.0"))
+    out = tmp_path / "r"
+    res = runner.invoke(app, ["run", str(cfg), "--out", str(out), "--no-progress"])
+    assert res.exit_code == 2, res.output
+    assert "no direction candidate passes the filters" in res.output and "ablation" in res.output
+    assert "fix:" in res.output and "if_none_pass" in res.output
+    assert (out / "chat" / "selection_failed.json").is_file() and not (out / "chat" / "selection.json").is_file()
 
 
 @pytest.mark.parametrize("text,needle", [
@@ -219,7 +239,8 @@ def test_run_names_llama_2_7b_random(tmp_path, monkeypatch):
     """A real-scale chat config runs from the CLI; the 7B shape is shrunken here (CPU tests)."""
     from rdt_interp.models import random_init
 
-    for k, v in dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    # 4 layers: the reference cut-off int(0.8 L) must leave a layer past the embeddings
+    for k, v in dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=4).items():
         monkeypatch.setitem(random_init.LLAMA2_7B, k, v)
     cfg = tmp_path / "c.toml"

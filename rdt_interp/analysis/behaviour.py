@@ -1,4 +1,5 @@
-"""Behaviour metrics with bootstrap CIs: text refusal rate, and what a VLA's actions do.
+"""Behaviour metrics with CIs (Wilson for rates, bootstrap for means): text refusal rate, and
+what a VLA's actions do.
 
 Text: the substring judge of Arditi et al. (2024) -- a completion refuses if it contains one of
 :data:`REFUSAL_PHRASES` (case-insensitive; typographic apostrophes count as ``'``). It misses
@@ -30,7 +31,14 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from rdt_interp.analysis._result import ResultMixin
-from rdt_interp.analysis.stats import Array, as_tensor, bootstrap_ci, mean_ci, threads_for
+from rdt_interp.analysis.stats import (
+    Array,
+    as_tensor,
+    bootstrap_ci,
+    mean_ci,
+    threads_for,
+    wilson_interval,
+)
 from rdt_interp.errors import ConfigError
 
 
@@ -74,7 +82,7 @@ def is_refusal(text: str, phrases: Sequence[str] = REFUSAL_PHRASES) -> bool:
 
 @dataclass(frozen=True)
 class RefusalRate(ResultMixin):
-    """Fraction of completions the substring judge calls refusals, with a bootstrap CI."""
+    """Fraction of completions the substring judge calls refusals, with a Wilson CI."""
 
     rate: float
     lo: float
@@ -98,11 +106,12 @@ def refusal_rate(
     level: float = 0.95,
     label: str = "",
 ) -> RefusalRate:
-    """Refusal rate of ``texts`` (completions) with a percentile bootstrap CI."""
+    """Refusal rate of ``texts`` (completions) with a Wilson CI (``n_boot`` and ``seed`` are
+    recorded only; the interval needs no resampling)."""
     if isinstance(texts, str) or not texts:
         raise ConfigError("refusal_rate needs a non-empty list of completions")
     flags = tuple(is_refusal(t, phrases) for t in texts)
-    est, lo, hi = mean_ci(torch.tensor(flags, dtype=torch.float64), n_boot=n_boot, seed=seed, level=level)
+    est, lo, hi = wilson_interval(sum(flags), len(flags), level=level)
     return RefusalRate(rate=float(est), lo=float(lo), hi=float(hi), n=len(flags), n_refused=sum(flags),
                        flags=flags, phrases=tuple(phrases), level=level, n_boot=n_boot, seed=seed,
                        label=label)
@@ -260,6 +269,9 @@ def _action_metrics(
     e, lo_, hi_ = est.numpy(), lo.numpy(), hi.numpy()
     tail = {name: (float(e[steps + k]), float(lo_[steps + k]), float(hi_[steps + k]))
             for k, name in enumerate(("zero_mass", "mean_bin", "magnitude", "hrr_strict", "hrr_partial"))}
+    if steps == tok.action_dim:  # the HRRs are rates: Wilson, like every rate
+        tail["hrr_strict"] = wilson_interval(strict, n, level=level)
+        tail["hrr_partial"] = wilson_interval(partial, n, level=level)
     return ActionMetrics(
         label=label, n=n, steps=steps, window=window, zero_bins=tuple(int(v) for v in zb.tolist()),
         unnorm_key=unnorm_key, zero_mass_step=e[:steps].copy(), zero_mass_step_lo=lo_[:steps].copy(),

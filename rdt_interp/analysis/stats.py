@@ -1,4 +1,5 @@
-"""Statistics shared by the analysis modules: AUC, Cohen's d, bootstrap CIs, permutation tests.
+"""Statistics shared by the analysis modules: AUC, Cohen's d, bootstrap CIs, permutation tests,
+and the Wilson interval that every reported rate (a proportion) uses.
 
 Conventions (as in scikit-learn): samples are on axis 0; trailing axes are independent columns
 that are computed at once. Resampling functions hand the statistic each group with a replicate
@@ -13,7 +14,9 @@ Inputs may be torch tensors or numpy arrays; outputs are float64 torch tensors.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
+from statistics import NormalDist
 from typing import Literal
 
 import numpy as np
@@ -146,6 +149,44 @@ def cohens_d(pos: Float[Array, "n_pos *k"], neg: Float[Array, "n_neg *k"]) -> Fl
     return (p.mean(dim=0) - q.mean(dim=0)) / pooled.sqrt()
 
 
+# -- proportions -----------------------------------------------------------------------------------
+def wilson_interval(
+    k: int | float | Array | Sequence[bool], n: int, *, level: float = 0.95
+) -> tuple[float, float, float]:
+    """``(rate, low, high)`` of ``k`` successes in ``n`` trials: the Wilson score interval.
+
+    Every rate the project reports goes through here. Unlike a percentile bootstrap it does not
+    collapse to ``[0, 0]`` at ``0/n`` (or ``[1, 1]`` at ``n/n``). ``k`` may also be a 0/1 array
+    of length ``n``.
+
+    Examples
+    --------
+    >>> rate, lo, hi = wilson_interval(0, 20)
+    >>> rate, round(lo, 3), round(hi, 3)
+    (0.0, 0.0, 0.161)
+    """
+    if not 0.0 < level < 1.0:
+        raise ConfigError(f"level must be in (0, 1), got {level}")
+    if not isinstance(k, int | float):
+        flags = as_tensor(torch.as_tensor(k) if isinstance(k, list | tuple) else k, dtype=torch.float64).reshape(-1)
+        if flags.numel() != n:
+            raise ConfigError(f"{flags.numel()} outcomes for n = {n}")
+        if bool(((flags != 0) & (flags != 1)).any()):
+            raise ConfigError("outcomes must be 0/1", fix="pass booleans, or the count of successes")
+        k = float(flags.sum())
+    if n < 1 or not 0 <= k <= n:
+        raise ConfigError(f"need 0 <= k <= n and n >= 1, got k = {k}, n = {n}")
+    z = NormalDist().inv_cdf(0.5 + level / 2.0)
+    p = k / n
+    denom = 1.0 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # exact at the edges (round-off would otherwise give 1e-17 instead of 0)
+    lo = 0.0 if k == 0 else max(0.0, center - half)
+    hi = 1.0 if k == n else min(1.0, center + half)
+    return p, lo, hi
+
+
 # -- resampling ------------------------------------------------------------------------------------
 def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
@@ -219,31 +260,6 @@ def mean_ci(
     """Mean over samples with a percentile bootstrap interval."""
     return bootstrap_ci(lambda v: v.to(torch.float64).mean(dim=0), as_tensor(x), n_boot=n_boot,
                         seed=seed, level=level)
-
-
-def wilson_interval(k: int, n: int, *, level: float = 0.95) -> tuple[float, float, float]:
-    """A proportion ``k / n`` with its Wilson score interval ``(rate, lo, hi)``.
-
-    Unlike a percentile bootstrap it does not collapse to ``[0, 0]`` at ``0 / n``.
-
-    Examples
-    --------
-    >>> rate, lo, hi = wilson_interval(0, 20)
-    >>> rate, round(lo, 3), round(hi, 3)
-    (0.0, 0.0, 0.161)
-    """
-    if n < 1 or not 0 <= k <= n:
-        raise ConfigError(f"a proportion needs 0 <= k <= n and n >= 1, got k={k}, n={n}")
-    from scipy.stats import norm
-
-    z = float(norm.ppf(0.5 + level / 2))
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * float(np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / denom
-    lo = 0.0 if k == 0 else max(0.0, centre - half)  # exact ends: no 1e-17 from rounding
-    hi = 1.0 if k == n else min(1.0, centre + half)
-    return p, lo, hi
 
 
 def permutation_null(

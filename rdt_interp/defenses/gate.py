@@ -30,7 +30,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from rdt_interp.analysis.probes import LinearProbe
-from rdt_interp.analysis.stats import auc_groups, mean_ci
+from rdt_interp.analysis.stats import auc_groups, wilson_interval
 from rdt_interp.errors import ConfigError, DModelMismatchError
 from rdt_interp.models.adapter import EncodedBatch, ModelAdapter
 from rdt_interp.models.vla import VLAAdapter
@@ -160,13 +160,14 @@ class GateRates:
 
 def gate_rates(scores: Float[Tensor, "n"], harmful: Bool[Tensor, "n"], threshold: float, *,
                n_boot: int = 1000, seed: int = 0) -> GateRates:
-    """TPR and FPR of ``scores > threshold`` with bootstrap CIs, and the AUC of the scores."""
+    """TPR and FPR of ``scores > threshold`` with Wilson CIs, and the AUC of the scores
+    (``n_boot`` and ``seed`` are kept for the callers; rates need no resampling)."""
     y = torch.as_tensor(harmful, dtype=torch.bool)
     if not bool(y.any()) or bool(y.all()):
         raise ConfigError("gate_rates needs harmful and benign rows")
     fired = (scores.double() > threshold).double()
-    tpr = mean_ci(fired[y], n_boot=n_boot, seed=seed)
-    fpr = mean_ci(fired[~y], n_boot=n_boot, seed=seed + 1)
+    tpr = wilson_interval(fired[y], int(y.sum()))
+    fpr = wilson_interval(fired[~y], int((~y).sum()))
     auc = float(auc_groups(scores.double()[y], scores.double()[~y]))
     return GateRates(float(tpr[0]), float(tpr[1]), float(tpr[2]), float(fpr[0]), float(fpr[1]), float(fpr[2]),
                      auc, int(y.sum()), int((~y).sum()))

@@ -8,49 +8,96 @@ For each candidate (layer, post-instruction position) diff-in-means vector r:
   (higher: adding it induces refusal);
 * KL — KL(base || ablated) of the next-token distribution on harmless validation prompts.
 
-Filters: layer < ``max_layer_fraction * n_layers``, KL <= ``kl_threshold``, steering score > 0;
-the lowest ablation score wins. Selection never sees the test split.
+Filters (Arditi et al.'s): layer < ``int(max_layer_fraction * n_layers)``, KL <=
+``kl_threshold``, steering score (at coefficient ``steering_alpha``) >= 0, no NaN; the lowest
+ablation score wins. When no candidate passes, selection raises :class:`SelectionError` with the
+table, unless ``if_none_pass`` names a relaxation, which the result records. Selection never
+sees the test split.
 
-Speed: every score is read at the last position, so prompts share their template prefix (see
-:mod:`rdt_interp.directions.scoring`), and candidates are *screened* on ``screen_n`` prompts per
-class before the ``top_k`` best by ablation score are scored on ``final_n`` prompts per class.
-Set ``screen_n=0`` to score every candidate on the full validation sets (Arditi's procedure
-exactly, ~4x slower).
+The prompts are filtered first (:func:`filter_prompts`): harmful prompts the model does not
+refuse (refusal score <= 0) and harmless prompts it does refuse (score >= 0) are dropped, so the
+direction contrasts refusal with compliance rather than harmful with harmless content.
+
+Departures from the reference, each off by default: ``positions`` scores only some
+post-instruction positions; ``screen_n > 0`` screens every candidate on ``screen_n`` prompts per
+class and scores only the ``top_k`` best by ablation score on ``final_n``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from rdt_interp.directions.diff_in_means import CandidateDirections
 from rdt_interp.directions.scoring import PromptBatch, kl_divergence, last_logprobs, refusal_score
-from rdt_interp.errors import ConfigError
+from rdt_interp.errors import ConfigError, SelectionError
 from rdt_interp.models.chat import ChatModel
 from rdt_interp.prompts import PromptSet, instructions
 from rdt_interp.tracing.interventions import AblateDirection, AddDirection
 
+Relaxation = Literal["error", "ignore_steering", "unfiltered"]
+
 
 @dataclass(frozen=True)
 class SelectionConfig:
+    """Arditi et al.'s selection by default; every other value is a departure that
+    :meth:`departures` names."""
+
     max_layer_fraction: float = 0.8
     kl_threshold: float = 0.1
-    screen_n: int = 16
+    screen_n: int = 0
     final_n: int = 32
     top_k: int = 8
     batch_size: int = 32
     steering_alpha: float = 1.0
+    #: post-instruction positions to score (negative, from the end); None: all of them
+    positions: tuple[int, ...] | None = None
+    #: what to do when no candidate passes: raise, or pick with the steering filter (or every
+    #: filter) dropped — the result then names the relaxation
+    if_none_pass: Relaxation = "error"
 
     def __post_init__(self) -> None:
         if not 0 < self.max_layer_fraction <= 1:
             raise ConfigError("max_layer_fraction must be in (0, 1]")
         if self.final_n < 1 or self.top_k < 1 or self.screen_n < 0:
             raise ConfigError("final_n and top_k must be >= 1, screen_n >= 0")
+        if self.positions is not None:
+            object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
+            if not self.positions or any(p >= 0 for p in self.positions):
+                raise ConfigError(f"selection positions must be negative (from the end), got {self.positions}",
+                                  fix="e.g. positions = [-1] for the last post-instruction token")
+        if self.if_none_pass not in ("error", "ignore_steering", "unfiltered"):
+            raise ConfigError(f"if_none_pass must be error, ignore_steering or unfiltered, got {self.if_none_pass!r}")
+
+    def layer_limit(self, n_layers: int) -> int:
+        """Candidates come from layers ``< layer_limit`` (the reference drops the last 20%)."""
+        return int(self.max_layer_fraction * n_layers)
+
+    def departures(self) -> list[str]:
+        """The settings that differ from Arditi et al.'s procedure, in words."""
+        ref = SelectionConfig()
+        out = []
+        if self.max_layer_fraction != ref.max_layer_fraction:
+            out.append(f"layer cut-off at {self.max_layer_fraction:g}·L (reference 0.8)")
+        if self.kl_threshold != ref.kl_threshold:
+            out.append(f"KL filter at {self.kl_threshold:g} (reference 0.1)")
+        if self.steering_alpha != ref.steering_alpha:
+            out.append(f"steering filter at coefficient {self.steering_alpha:g} (reference 1)")
+        if self.final_n != ref.final_n:
+            out.append(f"{self.final_n} validation prompts per class (reference 32)")
+        if self.screen_n:
+            out.append(f"candidates screened on {self.screen_n}+{self.screen_n} prompts, best {self.top_k} "
+                       f"scored on {self.final_n}+{self.final_n} (reference: all on the full set)")
+        if self.positions is not None:
+            out.append(f"only post-instruction positions {list(self.positions)} scored (reference: all)")
+        return out  # a relaxation (if_none_pass) is a departure only when used: SelectionResult.relaxation
 
 
 @dataclass(frozen=True)
@@ -76,6 +123,8 @@ class SelectionResult:
     n_layers: int
     seconds: float
     candidate_norms: dict[str, float] = field(default_factory=dict)
+    #: the relaxation that picked the direction when no candidate passed (None: filters passed)
+    relaxation: str | None = None
 
     def final_scores(self) -> list[CandidateScore]:
         return [s for s in self.scores if s.stage == "final"]
@@ -105,6 +154,90 @@ class SelectionResult:
         return cls(**d)
 
 
+def candidate_pairs(candidates: CandidateDirections, config: SelectionConfig, n_layers: int) -> list[tuple[int, int]]:
+    """The (layer, position) candidates selection scores: below the layer limit, at the
+    configured positions, and with a non-zero vector."""
+    limit = config.layer_limit(n_layers)
+    positions = candidates.positions if config.positions is None else config.positions
+    missing = [p for p in positions if p not in candidates.positions]
+    if missing:
+        raise ConfigError(f"selection positions {missing} were not extracted (have {list(candidates.positions)})",
+                          fix="choose positions among the extracted post-instruction positions")
+    norms = candidates.norms
+    # A candidate whose classes have identical means (e.g. layer 0 at a fixed template token)
+    # is no direction at all.
+    floor = 1e-6 * float(norms.max())
+    pairs = [(ly, p) for ly in candidates.layers if ly < limit for p in positions
+             if float(norms[candidates.layers.index(ly), candidates.positions.index(p)]) > floor]
+    if not pairs:
+        raise ConfigError(f"no candidate below layer {limit} (int({config.max_layer_fraction:g}·{n_layers})) "
+                          "with a non-zero vector", fix="raise max_layer_fraction or extract more layers")
+    return pairs
+
+
+def passes_filters(kl: float, steering: float, ablation: float, config: SelectionConfig) -> bool:
+    """Arditi et al.'s filters on a scored candidate (the layer limit is applied before scoring)."""
+    if any(math.isnan(v) for v in (kl, steering, ablation)):
+        return False
+    return kl <= config.kl_threshold and steering >= 0.0
+
+
+def pick(finals: Sequence[CandidateScore], config: SelectionConfig) -> tuple[CandidateScore, str | None]:
+    """The lowest ablation score among passing candidates, and the relaxation used (None if
+    some candidate passed). No passing candidate: :class:`SelectionError` with the table, or the
+    relaxation ``config.if_none_pass`` names."""
+    passing = [s for s in finals if s.passes]
+    if passing:
+        return min(passing, key=lambda s: s.ablation), None
+    if config.if_none_pass == "ignore_steering":
+        pool = [s for s in finals if s.kl <= config.kl_threshold and not math.isnan(s.ablation)]
+        if pool:
+            return min(pool, key=lambda s: s.ablation), "ignore_steering"
+    elif config.if_none_pass == "unfiltered":
+        pool = [s for s in finals if not math.isnan(s.ablation)]
+        if pool:
+            return min(pool, key=lambda s: s.ablation), "unfiltered"
+    rows = "\n".join(f"    L{s.layer:>3} P{s.position:>3}  ablation {s.ablation:8.3f}  KL {s.kl:7.4f}  "
+                      f"steering {s.steering if s.steering is not None else float('nan'):8.3f}"
+                      for s in sorted(finals, key=lambda s: s.ablation))
+    raise SelectionError(
+        f"no direction candidate passes the filters (KL <= {config.kl_threshold:g}, steering score "
+        f">= 0 at coefficient {config.steering_alpha:g}); {len(finals)} scored:\n{rows}",
+        fix="set [chat.selection] if_none_pass = \"ignore_steering\" (or raise steering_alpha / "
+            "kl_threshold); the run's report then names the relaxation",
+        scores=tuple(finals),
+    )
+
+
+@dataclass(frozen=True)
+class FilteredPrompts:
+    """Prompts kept by :func:`filter_prompts`, with every scored prompt's refusal score."""
+
+    harmful: list[str]
+    harmless: list[str]
+    harmful_scores: list[float]  # of every harmful prompt scored, in input order
+    harmless_scores: list[float]
+
+
+def filter_prompts(
+    model: ChatModel,
+    harmful: PromptSet | Sequence[str],
+    harmless: PromptSet | Sequence[str],
+    *,
+    batch_size: int = 32,
+) -> FilteredPrompts:
+    """Arditi et al.'s data filter: keep the harmful prompts the model refuses (refusal score
+    > 0) and the harmless ones it does not (score < 0), in input order."""
+    ids = model.refusal_token_ids()
+    h, hl = instructions(harmful), instructions(harmless)
+    if not h or not hl:
+        raise ConfigError("filter_prompts needs prompts of both classes")
+    scores = refusal_score(last_logprobs(model, PromptBatch.build(model, h + hl), batch_size=batch_size), ids)
+    sh, shl = scores[: len(h)].tolist(), scores[len(h):].tolist()
+    return FilteredPrompts([t for t, v in zip(h, sh, strict=True) if v > 0],
+                           [t for t, v in zip(hl, shl, strict=True) if v < 0], sh, shl)
+
+
 def select_direction(
     model: ChatModel,
     candidates: CandidateDirections,
@@ -113,65 +246,78 @@ def select_direction(
     config: SelectionConfig = SelectionConfig(),
     *,
     progress: bool = True,
+    scored: Sequence[CandidateScore] | None = None,
 ) -> SelectionResult:
+    """Score the candidates and pick one (module docstring). ``scored``: the table of an earlier
+    selection on the same candidates and prompts (e.g. :class:`SelectionError`'s ``scores``), so
+    that a relaxation chosen after a failure only re-picks instead of scoring again."""
     t0 = time.perf_counter()
     refusal_ids = model.refusal_token_ids()
     h_all, hl_all = instructions(harmful_val), instructions(harmless_val)
-    final_n = min(config.final_n, len(h_all), len(hl_all))
+    # per class: the filter leaves fewer harmful than harmless prompts on small models
+    final_n = min(config.final_n, max(len(h_all), len(hl_all)))
     screen_n = min(config.screen_n, final_n)
-    max_layer = config.max_layer_fraction * model.n_layers
-    norms_grid = candidates.norms
-    # A candidate whose classes have identical means (e.g. layer 0 at a fixed template token)
-    # is no direction at all.
-    floor = 1e-6 * float(norms_grid.max())
-    pairs = [(ly, p) for ly in candidates.layers if ly < max_layer for p in candidates.positions
-             if float(norms_grid[candidates.layers.index(ly), candidates.positions.index(p)]) > floor]
-    if not pairs:
-        raise ConfigError("no candidate passes the max_layer_fraction filter with a non-zero vector")
+    if not h_all or not hl_all:
+        raise ConfigError("selection needs validation prompts of both classes")
+    pairs = candidate_pairs(candidates, config, model.n_layers)
 
     def scorer(n: int) -> tuple[PromptBatch, PromptBatch, torch.Tensor, torch.Tensor]:
-        both = PromptBatch.build(model, h_all[:n] + hl_all[:n])
+        both = PromptBatch.build(model, h_all[:n] + hl_all[:n])  # h_all[:n] may be shorter than n
         harmless = PromptBatch.build(model, hl_all[:n])
         base = last_logprobs(model, both, batch_size=config.batch_size)
-        return both, harmless, base[:n], base[n:]
+        return both, harmless, base[:len(h_all[:n])], base[len(h_all[:n]):]
 
     def ablation_and_kl(batch: PromptBatch, n: int, base_hl: torch.Tensor, layer: int, pos: int):
         r = candidates.vectors[candidates.layers.index(layer), candidates.positions.index(pos)].float()
         lp = last_logprobs(model, batch, [AblateDirection(r)], batch_size=config.batch_size)
-        abl = float(refusal_score(lp[:n], refusal_ids).mean())
-        kl = float(kl_divergence(base_hl, lp[n:]).mean())
+        abl = float(refusal_score(lp[:len(h_all[:n])], refusal_ids).mean())
+        kl = float(kl_divergence(base_hl, lp[len(h_all[:n]):]).mean())
         return abl, kl, r
 
-    scores: list[CandidateScore] = []
-    shortlist = pairs
-    if screen_n and len(pairs) > config.top_k:
-        batch, _, _, base_hl = scorer(screen_n)
-        screened = []
-        for layer, pos in tqdm(pairs, desc="screen candidates", disable=not progress, leave=False):
-            abl, kl, _ = ablation_and_kl(batch, screen_n, base_hl, layer, pos)
-            screened.append(CandidateScore(layer, pos, abl, kl, None, "screen", kl <= config.kl_threshold))
-        scores += screened
-        # Screening KL is noisier (fewer prompts): keep candidates within twice the threshold.
-        ok = [s for s in screened if s.kl <= 2 * config.kl_threshold] or screened
-        shortlist = [(s.layer, s.position) for s in sorted(ok, key=lambda s: s.ablation)[: config.top_k]]
+    if scored is not None:
+        # the filters are re-applied: only the pick's settings may differ from the earlier run
+        scores = [dataclasses.replace(s, passes=passes_filters(s.kl, s.steering, s.ablation, config))
+                  if s.stage == "final" else s for s in scored]
+        finals = [s for s in scores if s.stage == "final"]
+        if not finals or not {(s.layer, s.position) for s in finals} <= set(pairs):
+            raise ConfigError("the reused selection table does not score these candidates",
+                              fix="score afresh (drop the earlier table)")
+        batch, harmless, base_h, base_hl = scorer(final_n)
+        base_steer = float(refusal_score(base_hl, refusal_ids).mean())
+    else:
+        scores: list[CandidateScore] = []
+        shortlist = pairs
+        if screen_n and len(pairs) > config.top_k:
+            batch, _, _, base_hl = scorer(screen_n)
+            screened = []
+            for layer, pos in tqdm(pairs, desc="screen candidates", disable=not progress, leave=False):
+                abl, kl, _ = ablation_and_kl(batch, screen_n, base_hl, layer, pos)
+                screened.append(CandidateScore(layer, pos, abl, kl, None, "screen", kl <= config.kl_threshold))
+            scores += screened
+            # Screening KL is noisier (fewer prompts): keep candidates within twice the threshold.
+            ok = [s for s in screened if s.kl <= 2 * config.kl_threshold] or screened
+            shortlist = [(s.layer, s.position) for s in sorted(ok, key=lambda s: s.ablation)[: config.top_k]]
 
-    batch, harmless, base_h, base_hl = scorer(final_n)
-    base_steer = float(refusal_score(base_hl, refusal_ids).mean())
-    finals = []
-    for layer, pos in tqdm(shortlist, desc="score shortlist", disable=not progress, leave=False):
-        abl, kl, r = ablation_and_kl(batch, final_n, base_hl, layer, pos)
-        lp = last_logprobs(model, harmless, [AddDirection(r, config.steering_alpha, layer)],
-                           batch_size=config.batch_size)
-        steer = float(refusal_score(lp, refusal_ids).mean())
-        passes = kl <= config.kl_threshold and steer > 0
-        finals.append(CandidateScore(layer, pos, abl, kl, steer, "final", passes))
-    scores += finals
-    passing = [s for s in finals if s.passes]
-    best = min(passing or finals, key=lambda s: s.ablation)
+        batch, harmless, base_h, base_hl = scorer(final_n)
+        base_steer = float(refusal_score(base_hl, refusal_ids).mean())
+        finals = []
+        for layer, pos in tqdm(shortlist, desc="score shortlist", disable=not progress, leave=False):
+            abl, kl, r = ablation_and_kl(batch, final_n, base_hl, layer, pos)
+            lp = last_logprobs(model, harmless, [AddDirection(r, config.steering_alpha, layer)],
+                               batch_size=config.batch_size)
+            steer = float(refusal_score(lp, refusal_ids).mean())
+            finals.append(CandidateScore(layer, pos, abl, kl, steer, "final", passes_filters(kl, steer, abl, config)))
+        scores += finals
+    try:
+        best, relaxation = pick(finals, config)
+    except SelectionError as exc:
+        exc.scores = tuple(scores)  # the whole table, screening included
+        raise
     norms = {f"{ly},{p}": float(candidates.vectors[candidates.layers.index(ly), candidates.positions.index(p)].norm())
              for ly, p in pairs}
     return SelectionResult(
-        layer=best.layer, position=best.position, filters_passed=bool(passing), scores=tuple(scores),
+        layer=best.layer, position=best.position, filters_passed=relaxation is None, scores=tuple(scores),
         baseline_harmful=float(refusal_score(base_h, refusal_ids).mean()), baseline_harmless=base_steer,
         config=config, n_layers=model.n_layers, seconds=time.perf_counter() - t0, candidate_norms=norms,
+        relaxation=relaxation,
     )

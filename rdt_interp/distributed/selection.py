@@ -19,11 +19,17 @@ from torch import Tensor
 
 from rdt_interp.directions.diff_in_means import CandidateDirections
 from rdt_interp.directions.scoring import PromptBatch, kl_divergence, last_logprobs, refusal_score
-from rdt_interp.directions.selection import CandidateScore, SelectionConfig, SelectionResult
+from rdt_interp.directions.selection import (
+    CandidateScore,
+    SelectionConfig,
+    SelectionResult,
+    candidate_pairs,
+    passes_filters,
+    pick,
+)
 from rdt_interp.distributed.context import DistContext
 from rdt_interp.distributed.plan import Shard, ShardPlan
 from rdt_interp.distributed.shards import ShardData, run_sharded
-from rdt_interp.errors import ConfigError
 from rdt_interp.experiments.rundir import RunDir
 from rdt_interp.models.chat import ChatModel
 from rdt_interp.prompts import PromptSet, instructions
@@ -54,15 +60,12 @@ def sharded_selection(
     t0 = time.perf_counter()
     refusal_ids = model.refusal_token_ids()
     h_all, hl_all = instructions(harmful_val), instructions(harmless_val)
-    final_n = min(config.final_n, len(h_all), len(hl_all))
+    # per class: the filter leaves fewer harmful than harmless prompts on small models
+    final_n = min(config.final_n, max(len(h_all), len(hl_all)))
     screen_n = min(config.screen_n, final_n)
-    max_layer = config.max_layer_fraction * model.n_layers
-    norms_grid = candidates.norms
-    floor = 1e-6 * float(norms_grid.max())
-    pairs = [(ly, p) for ly in candidates.layers if ly < max_layer for p in candidates.positions
-             if float(norms_grid[candidates.layers.index(ly), candidates.positions.index(p)]) > floor]
-    if not pairs:
-        raise ConfigError("no candidate passes the max_layer_fraction filter with a non-zero vector")
+    if not h_all or not hl_all:
+        raise ConfigError("selection needs validation prompts of both classes")
+    pairs = candidate_pairs(candidates, config, model.n_layers)
     inputs = {"model": model.digest(), "candidates": digest_tensor(candidates.vectors),
               "layers": list(candidates.layers), "positions": list(candidates.positions),
               "harmful": digest_strings(h_all), "harmless": digest_strings(hl_all),
@@ -71,10 +74,10 @@ def sharded_selection(
 
     def scorer(n: int) -> tuple[PromptBatch, PromptBatch, Tensor, Tensor]:
         if n not in scorers:
-            both = PromptBatch.build(model, h_all[:n] + hl_all[:n])
+            both = PromptBatch.build(model, h_all[:n] + hl_all[:n])  # h_all[:n] may be shorter than n
             harmless = PromptBatch.build(model, hl_all[:n])
             base = last_logprobs(model, both, batch_size=config.batch_size)
-            scorers[n] = (both, harmless, base[:n], base[n:])
+            scorers[n] = (both, harmless, base[:len(h_all[:n])], base[len(h_all[:n]):])
         return scorers[n]
 
     def vector(layer: int, pos: int) -> Tensor:
@@ -83,7 +86,7 @@ def sharded_selection(
     def ablation_and_kl(n: int, layer: int, pos: int) -> tuple[float, float]:
         batch, _, _, base_hl = scorer(n)
         lp = last_logprobs(model, batch, [AblateDirection(vector(layer, pos))], batch_size=config.batch_size)
-        return float(refusal_score(lp[:n], refusal_ids).mean()), float(kl_divergence(base_hl, lp[n:]).mean())
+        return float(refusal_score(lp[:len(h_all[:n])], refusal_ids).mean()), float(kl_divergence(base_hl, lp[len(h_all[:n]):]).mean())
 
     def as_rows(shards: dict[str, ShardData], keys: list[tuple[int, int]]) -> dict[str, Any]:
         return {"rows": [[ly, p, *shards[_key(ly, p)][0]["v"].tolist()] for ly, p in keys]}
@@ -116,21 +119,21 @@ def sharded_selection(
     plan = ShardPlan.build(f"{name}_final", [Shard(_key(ly, p), 1.0, {"layer": ly, "pos": p}) for ly, p in shortlist],
                            {**inputs, "n": final_n, "shortlist": [list(x) for x in shortlist]})
     rows = run_sharded(ctx, run, f"{name}_final", plan, final, lambda s: as_rows(s, shortlist), say=say)["rows"]
-    finals = [CandidateScore(int(ly), int(p), abl, kl, steer, "final", kl <= config.kl_threshold and steer > 0)
+    finals = [CandidateScore(int(ly), int(p), abl, kl, steer, "final", passes_filters(kl, steer, abl, config))
               for ly, p, abl, kl, steer in rows]
     scores += finals
 
     def result() -> dict[str, Any]:
         _, _, base_h, base_hl = scorer(final_n)
-        passing = [s for s in finals if s.passes]
-        best = min(passing or finals, key=lambda s: s.ablation)
+        best, relaxation = pick(finals, config)
         vecs, index = candidates.vectors, (candidates.layers.index, candidates.positions.index)
         norms = {f"{ly},{p}": float(vecs[index[0](ly), index[1](p)].norm()) for ly, p in pairs}
         return SelectionResult(
-            layer=best.layer, position=best.position, filters_passed=bool(passing), scores=tuple(scores),
+            layer=best.layer, position=best.position, filters_passed=relaxation is None, scores=tuple(scores),
             baseline_harmful=float(refusal_score(base_h, refusal_ids).mean()),
             baseline_harmless=float(refusal_score(base_hl, refusal_ids).mean()), config=config,
-            n_layers=model.n_layers, seconds=time.perf_counter() - t0, candidate_norms=norms).to_dict()
+            n_layers=model.n_layers, seconds=time.perf_counter() - t0, candidate_norms=norms,
+            relaxation=relaxation).to_dict()
 
     if ctx.is_main:
         run.save(name, result())

@@ -212,7 +212,7 @@ def run_study_distributed(ctx: DistContext, config: str | Path, run_dir: str | P
     from rdt_interp.distributed.selection import sharded_selection
     from rdt_interp.distributed.vla import run_vla_rdt_distributed
     from rdt_interp.experiments import study
-    from rdt_interp.experiments.chat_refusal import _splits, run_chat_refusal
+    from rdt_interp.experiments.chat_refusal import chat_run_dir, chat_splits, run_chat_refusal
     from rdt_interp.experiments.config import load_config
     from rdt_interp.models.loading import load_chat_model
 
@@ -223,13 +223,13 @@ def run_study_distributed(ctx: DistContext, config: str | Path, run_dir: str | P
     chat_device = ctx.device if on_gpu or cfg.chat_model.device.startswith("cuda") else cfg.chat_model.device
     say(f"loading chat model {cfg.chat_model.name} on every rank")
     chat_model = load_chat_model(cfg.chat_model.name, dtype=cfg.chat_model.dtype, device=chat_device,
-                                 system_prompt=cfg.chat_model.system_prompt)
+                                 system_prompt=cfg.chat_model.system_prompt, template=cfg.chat_model.template)
     ctx.check_same("the chat model weights (digest)", chat_model.digest())
     # The chat study's own run directory (the config run_chat_refusal gives it).
-    chat_run = ctx.main_first(lambda: RunDir(run.path / "chat", {"experiment": "chat_refusal", **cfg.chat.to_dict()},
-                                             log=say))
+    chat_run = ctx.main_first(lambda: chat_run_dir(run.path / "chat", cfg.chat, log=say))
     if not ctx.broadcast(bool(chat_run.done("selection"))):
-        splits = _splits(cfg.chat)
+        # rank 0 filters the prompts, the others read the cached step
+        splits = ctx.main_first(lambda: chat_splits(chat_model, cfg.chat, chat_run))
         cands = ctx.main_first(lambda: extract_candidates(
             chat_model, splits["harmful_train"], splits["harmless_train"], batch_size=cfg.chat.capture_batch_size,
             cache=chat_run.file("activations"), progress=False))  # rank 0 captures, the others read the cache

@@ -58,6 +58,9 @@ class ChatModelSpec:
     dtype: Dtype = "float32"
     device: str = "cpu"
     system_prompt: str | None = None
+    # "reference": Arditi et al.'s prompt format (for Qwen: no default system turn);
+    # "model": the tokenizer's own chat template (a departure the run's report names).
+    template: Literal["reference", "model"] = "reference"
 
 
 @dataclass(frozen=True)

@@ -209,19 +209,19 @@ def zero_motion_rate(
     dims: Sequence[int] = MOTION_DIMS, n_boot: int = 1000, seed: int = 0,
 ) -> tuple[float, float, float]:
     """Share of actions whose motion dimensions (translation + rotation, not the gripper) are all
-    within ``±window`` bins of their zero-motion bins, with a bootstrap CI.
+    within ``±window`` bins of their zero-motion bins, with a Wilson CI.
 
     HRR strict also asks it of the gripper, whose command is absolute (closed is not "no
     motion"), and HRR partial (>= 4 of 7 dims) is met by any action that leaves two ignored
     rotation axes and the gripper alone -- on the testbed, by almost every action.
     """
-    from rdt_interp.analysis.stats import mean_ci
+    from rdt_interp.analysis.stats import wilson_interval
 
     bins = tok.ids_to_bins(ids.long())
     zb = torch.tensor(tok.zero_motion_bins(unnorm_key))
     d = list(dims)
     still = ((bins[:, d] - zb[d][None]).abs() <= window).all(dim=1).double()
-    est, lo, hi = mean_ci(still, n_boot=n_boot, seed=seed)
+    est, lo, hi = wilson_interval(still, int(still.numel()))
     return float(est), float(lo), float(hi)
 
 
@@ -487,9 +487,9 @@ def closed_loop_success(
     ctx: DefenseContext, defense: str, strength: float, n_episodes: int, max_steps: int, *,
     n_boot: int = 1000, seed: int = 0,
 ) -> dict[str, Any]:
-    """Success rate (bootstrap CI) of held-out benign testbed episodes driven by the defended VLA
+    """Success rate (Wilson CI) of held-out benign testbed episodes driven by the defended VLA
     (gated RDT+ scores every step's requests afresh)."""
-    from rdt_interp.analysis.stats import mean_ci
+    from rdt_interp.analysis.stats import wilson_interval
     from rdt_interp.testbed.adapter import UNNORM_KEY
     from rdt_interp.testbed.dataset import split_tasks
     from rdt_interp.testbed.evaluate import batched_rollouts
@@ -508,7 +508,7 @@ def closed_loop_success(
     t0 = time.perf_counter()
     res = batched_rollouts(policy, tasks, max_steps, image_size=vla_image_size(ctx.adapter))
     ok = torch.tensor([float(r.success) for r in res], dtype=torch.float64)
-    est, lo, hi = mean_ci(ok, n_boot=n_boot, seed=seed)
+    est, lo, hi = wilson_interval(ok, len(res))
     return {"rate": float(est), "lo": float(lo), "hi": float(hi), "n": len(res), "k": int(ok.sum()),
             "max_steps": max_steps, "mean_steps": float(np.mean([r.n_steps for r in res])),
             "seconds": time.perf_counter() - t0}

@@ -104,7 +104,8 @@ def run_study(
     if chat_model is None:
         log(f"loading chat model {cfg.chat_model.name}")
         chat_model = load_chat_model(cfg.chat_model.name, dtype=cfg.chat_model.dtype,
-                                     device=cfg.chat_model.device, system_prompt=cfg.chat_model.system_prompt)
+                                     device=cfg.chat_model.device, system_prompt=cfg.chat_model.system_prompt,
+                                     template=cfg.chat_model.template)
     chat_summary = run_chat_refusal(chat_model, cfg.chat, run.path / "chat", progress=progress, log=log)
     direction = _direction(cfg, run, chat_model, log)
     summary: dict[str, Any] = {"name": cfg.name, "chat": chat_summary,
@@ -126,11 +127,14 @@ def run_study(
         if cfg.cross_model:
             summary["cross_model"] = run.step("cross_model", lambda: cross_model(
                 chat_model, vla, run.path, cfg, progress=progress))
-    summary["wall_s_this_invocation"] = time.perf_counter() - t0
-    run.save("summary", summary)
+    run.save("summary", summary)  # the figures read it
     from rdt_interp.viz.study import study_figures
 
+    t_fig = time.perf_counter()
     study_figures(run.path, run.path / "figures")
+    summary["figures_s"] = time.perf_counter() - t_fig
+    summary["wall_s_this_invocation"] = time.perf_counter() - t0
+    run.save("summary", summary)
     return summary
 
 
@@ -142,10 +146,10 @@ def _direction(cfg: StudyConfig, run: RunDir, chat_model: Any, log: Callable[[st
     if not path.is_file():
         from rdt_interp.directions.diff_in_means import extract_candidates
         from rdt_interp.directions.subspace import subspace_direction
-        from rdt_interp.experiments.chat_refusal import _splits
+        from rdt_interp.experiments.chat_refusal import chat_run_dir, chat_splits
 
         log(f"[run]    rank-{cfg.direction.rank} direction")
-        splits = _splits(cfg.chat)
+        splits = chat_splits(chat_model, cfg.chat, chat_run_dir(run.path / "chat", cfg.chat, log=log))
         cands = extract_candidates(chat_model, splits["harmful_train"], splits["harmless_train"],
                                    batch_size=cfg.chat.capture_batch_size,
                                    cache=run.path / "chat" / "activations", progress=False)
@@ -164,13 +168,13 @@ def cross_model(chat_model: Any, vla: Any, run_path: Path, cfg: StudyConfig, *, 
     from rdt_interp.analysis.alignment import align_directions
     from rdt_interp.analysis.probes import Labeled, fit_probe, transfer_auc
     from rdt_interp.directions.diff_in_means import extract_candidates
-    from rdt_interp.experiments.chat_refusal import _splits
+    from rdt_interp.experiments.chat_refusal import chat_run_dir, chat_splits
     from rdt_interp.experiments.vla_rdt import _subset, load_requests
     from rdt_interp.tracing.vla import capture_roles
 
     if cfg.vla is None:
         raise ConfigError("cross_model needs a VLA section")
-    splits = _splits(cfg.chat)
+    splits = chat_splits(chat_model, cfg.chat, chat_run_dir(run_path / "chat", cfg.chat))
     cands = extract_candidates(chat_model, splits["harmful_train"], splits["harmless_train"],
                                batch_size=cfg.chat.capture_batch_size,
                                cache=run_path / "chat" / "activations", progress=progress)

@@ -42,6 +42,7 @@ class ChatModel(ModelAdapter):
         system_prompt: str | None = None,
         chat_template: str | None = None,
         random_weights: bool = False,
+        template_name: str = "model",
         refusal_phrases: Sequence[str] = ("I'm sorry", "I cannot", "I can't", "As an", "Sorry", "I apologize"),
     ) -> None:
         self.model = model.eval()
@@ -49,6 +50,8 @@ class ChatModel(ModelAdapter):
         self.name = name
         self.system_prompt = system_prompt
         self.random_weights = random_weights
+        # which prompt format renders the prompts: "reference" (Arditi et al.'s) or "model"
+        self.template_name = template_name
         self.refusal_phrases = tuple(refusal_phrases)
         if chat_template is not None:
             tokenizer.chat_template = chat_template
@@ -194,6 +197,11 @@ class ChatModel(ModelAdapter):
             if ids and ids[0] not in out:
                 out.append(ids[0])
         return out
+
+    def describe(self) -> dict[str, Any]:
+        before, after = self._template_parts
+        return {**super().describe(), "template": self.template_name, "system_prompt": self.system_prompt,
+                "prompt_format": before + "{instruction}" + after}
 
     def __repr__(self) -> str:
         kind = "random" if self.random_weights else "pretrained"

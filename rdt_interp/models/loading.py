@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import torch
 
-from rdt_interp.errors import CheckpointError
+from rdt_interp.errors import CheckpointError, ConfigError
 from rdt_interp.models.chat import ChatModel
 from rdt_interp.models.offline import OFFLINE_MODELS, ensure_dequantized
 from rdt_interp.models.registry import REGISTRY, RegistryEntry, lookup
@@ -140,6 +140,7 @@ def load_chat_model(
     device: str | torch.device = "cpu",
     device_map: str | dict[str, Any] | None = None,
     system_prompt: str | None = None,
+    template: str = "model",
     seed: int = 0,
     local_files_only: bool | None = None,
 ) -> ChatModel:
@@ -150,16 +151,23 @@ def load_chat_model(
     (e.g. ``"auto"``) spreads a model over several GPUs and overrides ``device``. Random-weight
     registry entries (``llama-2-7b-random``) are built on ``device``; ``device="meta"`` builds
     the structure only (no memory), for dry runs of real-scale configs.
+    ``template="reference"`` renders prompts in Arditi et al.'s format for the model family where
+    the registry knows one (Qwen: no default system turn); other models keep their own template.
     """
+    if template not in ("reference", "model"):
+        raise ConfigError(f"template must be 'reference' or 'model', got {template!r}",
+                          fix="template='reference' (Arditi et al.'s prompt format) or 'model' (the tokenizer's)")
     dt = _dtype(dtype)
     kind, target = resolve_chat_source(source)
     if kind == "registry":
         entry: RegistryEntry = target  # type: ignore[assignment]
         name = entry.name
+        forced = entry.reference_template if template == "reference" else None
         if entry.kind == "tiny":
             model, tok = build_tiny(name, seed=seed, dtype=dt)
             return ChatModel(model.to(device), tok, name=name, system_prompt=system_prompt,
-                             random_weights=True)
+                             random_weights=True, chat_template=forced,
+                             template_name="reference" if forced else "model")
         if entry.kind == "random":
             from rdt_interp.models.random_init import random_llama_chat
 
@@ -169,13 +177,14 @@ def load_chat_model(
         if entry.kind == "offline-gguf":
             path = ensure_dequantized(OFFLINE_MODELS[name])
             return _load_dir(path, name=name, dtype=dt, device=device, device_map=device_map,
-                             system_prompt=system_prompt, chat_template=None)
+                             system_prompt=system_prompt, chat_template=None, forced_template=forced)
         local = os.environ.get(entry.dir_env or "")
         if local:
             _check_causal_lm_dir(Path(local))
         return _load_dir(Path(local) if local else entry.hub_id, name=name, dtype=dt, device=device,
                          device_map=device_map, system_prompt=system_prompt,
-                         chat_template=entry.chat_template, local_files_only=local_files_only)
+                         chat_template=entry.chat_template, forced_template=forced,
+                         local_files_only=local_files_only)
     if kind == "directory":
         path: Path = target  # type: ignore[assignment]
         _check_causal_lm_dir(path)
@@ -195,6 +204,7 @@ def _load_dir(
     device_map: str | dict[str, Any] | None,
     system_prompt: str | None,
     chat_template: str | None,
+    forced_template: str | None = None,
     local_files_only: bool | None = None,
 ) -> ChatModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -218,7 +228,12 @@ def _load_dir(
         ) from exc
     if device_map is None:
         model = model.to(device)
-    cm = ChatModel(model, tok, name=name, system_prompt=system_prompt, chat_template=(
-        chat_template if getattr(tok, "chat_template", None) is None else None))
+    if forced_template is not None:
+        template, template_name = forced_template, "reference"
+    else:
+        template = chat_template if getattr(tok, "chat_template", None) is None else None
+        template_name = "model"
+    cm = ChatModel(model, tok, name=name, system_prompt=system_prompt, chat_template=template,
+                   template_name=template_name)
     cm.load_seconds = time.perf_counter() - t0
     return cm

@@ -1,9 +1,9 @@
 """Figures of the chat-side study (:mod:`rdt_interp.experiments.chat_refusal`), from saved results.
 
-* :func:`refusal_bars` -- refusal rate with 95% CIs: baseline on harmful and harmless test
+* :func:`refusal_bars` -- refusal rate with 95% Wilson CIs: baseline on harmful and harmless test
   prompts, harmful under directional ablation, harmless under activation addition;
-* :func:`selection_heatmap` -- ablation refusal score and KL per (layer, position) candidate,
-  the chosen one marked;
+* :func:`selection_heatmap` -- ablation refusal score, steering score and KL per (layer,
+  position) candidate, the chosen one marked and the ones failing a filter crossed;
 * :func:`alpha_sweep_chat` -- harmless refusal rate against the addition coefficient (validation).
 """
 
@@ -28,8 +28,11 @@ _CONDITIONS = (
 
 
 def refusal_bars(evaluation: Mapping[str, Any], *, alpha: float | None = None, model: str = "",
-                 width: Width = "column", height: float | None = 1.9) -> Figure:
-    """Refusal rates (substring judge) of the four test conditions with bootstrap CIs."""
+                 removed: Mapping[str, Any] | None = None, width: Width = "column",
+                 height: float | None = 1.9) -> Figure:
+    """Refusal rates (substring judge) of the four test conditions with Wilson CIs; ``removed``
+    (the summary's ``ablation_removed_refusals``) adds the share of baseline refusals ablation
+    removed."""
     with paper_style():
         fig, (ax,) = new_figure(width, height)
         for i, (key, _label, color) in enumerate(_CONDITIONS):
@@ -49,19 +52,27 @@ def refusal_bars(evaluation: Mapping[str, Any], *, alpha: float | None = None, m
         n = next(iter(evaluation.values()))["n"]
         title = f"{model}: " if model else ""
         suffix = f", α = {alpha:g}" if alpha is not None else ""
+        if removed and removed.get("n"):
+            suffix += (f"\nablation removed {100 * removed['rate']:.0f}% [{100 * removed['lo']:.0f}, "
+                       f"{100 * removed['hi']:.0f}] of {removed['n']} baseline refusals")
         ax.set_title(f"{title}n = {n} per bar{suffix}", loc="left")
     return fig
 
 
 def selection_heatmap(selection: SelectionResult | Mapping[str, Any], *, width: Width = "page",
                       height: float | None = 2.1) -> Figure:
-    """Ablation refusal score and KL per candidate (screening stage, or final if unscreened)."""
+    """Ablation refusal score, steering score (when every candidate has one) and KL per candidate
+    (screening stage, or final if unscreened)."""
     sel = selection if isinstance(selection, SelectionResult) else SelectionResult.from_dict(dict(selection))
     stage = "screen" if any(s.stage == "screen" for s in sel.scores) else "final"
+    panels = [("ablation", "refusal score, r ablated (harmful)", "viridis")]
+    if stage == "final":
+        panels.append(("steering", f"refusal score, +{sel.config.steering_alpha:g}·r (harmless)", "viridis"))
+    panels.append(("kl", "KL(base ‖ ablated), harmless", "magma_r"))
+    limit = sel.config.layer_limit(sel.n_layers)
     with paper_style():
-        fig, axes = new_figure(width, height, ncols=2)
-        for ax, metric, label, cmap in ((axes[0], "ablation", "refusal score with r ablated", "viridis"),
-                                        (axes[1], "kl", "KL(base ‖ ablated), harmless", "magma_r")):
+        fig, axes = new_figure(width, height, ncols=len(panels))
+        for ax, (metric, label, cmap) in zip(axes, panels, strict=True):
             layers, positions, grid = sel.grid(metric, stage)
             values = np.array(grid, dtype=float).T  # positions x layers
             if metric == "kl":
@@ -76,13 +87,17 @@ def selection_heatmap(selection: SelectionResult | Mapping[str, Any], *, width: 
             cb = fig.colorbar(im, ax=ax, shrink=0.9, pad=0.02)
             cb.ax.tick_params(labelsize=6)
             cb.set_label(label, fontsize=6.5)
+            for s in sel.final_scores():
+                if not s.passes and s.position in positions:
+                    ax.plot(s.layer, positions.index(s.position), marker="x", color="white", ms=2.5, mew=0.5, alpha=0.8)
             ax.plot(sel.layer, positions.index(sel.position), marker="*", color="white", ms=8,
                     mec="black", mew=0.6)
-            ax.axvline(sel.config.max_layer_fraction * sel.n_layers - 0.5, color=NULL_COLOR, lw=0.6, ls="--")
-        axes[0].set_title(f"chosen: layer {sel.layer}, position {sel.position}"
-                          + ("" if sel.filters_passed else " (no candidate passed the filters)"), loc="left")
-        axes[1].set_title(f"KL filter ≤ {sel.config.kl_threshold:g}; dashed: layer limit "
-                          f"{sel.config.max_layer_fraction:g}·L", loc="left")
+            if limit <= layers[-1] + 1:
+                ax.axvline(limit - 0.5, color=NULL_COLOR, lw=0.6, ls="--")
+        note = "" if sel.filters_passed else f"\nnone passed; relaxation: {sel.relaxation}"
+        axes[0].set_title(f"chosen: layer {sel.layer}, position {sel.position}{note}", loc="left")
+        axes[-1].set_title(f"×: fails KL ≤ {sel.config.kl_threshold:g} or steering ≥ 0\n"
+                           f"layers ≥ {limit} (int({sel.config.max_layer_fraction:g}·L)) not scored", loc="left")
     return fig
 
 

@@ -29,7 +29,8 @@ def study_figures(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
     written: list[Path] = []
     summary = rd(chat / "summary.json")
     model = summary["model"]["name"]
-    written += save_figure(chat_fig.refusal_bars(rd(chat / "evaluation.json"), alpha=summary["alpha"], model=model),
+    written += save_figure(chat_fig.refusal_bars(rd(chat / "evaluation.json"), alpha=summary["alpha"], model=model,
+                                                 removed=summary.get("ablation_removed_refusals")),
                            out / "chat_refusal_rates")
     written += save_figure(chat_fig.selection_heatmap(rd(chat / "selection.json")), out / "chat_selection")
     written += save_figure(chat_fig.alpha_sweep_chat(rd(chat / "alpha_sweep.json")), out / "chat_alpha_sweep")

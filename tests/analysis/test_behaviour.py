@@ -49,6 +49,17 @@ def test_refusal_rate_and_ci(tmp_path):
         refusal_rate([])
 
 
+def test_refusal_rate_ci_is_wilson_and_never_collapses_at_the_edges():
+    from rdt_interp.analysis.stats import wilson_interval
+
+    none = refusal_rate(["Sure, here it is."] * 64)
+    assert none.rate == 0.0 and none.lo == 0.0 and none.hi > 0.04  # a bootstrap would say [0, 0]
+    every = refusal_rate(["I cannot do that."] * 64)
+    assert every.rate == 1.0 and every.hi == 1.0 and every.lo < 0.96
+    mixed = refusal_rate(["I cannot."] * 5 + ["Sure."] * 15)
+    assert (mixed.rate, mixed.lo, mixed.hi) == wilson_interval(5, 20)
+
+
 @pytest.mark.parametrize("n_bins", [256, 64])
 def test_zero_motion_mass_follows_the_tokenizer(n_bins):
     t = tok(n_bins)

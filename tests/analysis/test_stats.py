@@ -139,3 +139,34 @@ def test_stratified_folds_are_disjoint_and_balanced():
         assert y[te].sum() == 4
     with pytest.raises(ConfigError, match="per class"):
         stratified_folds(np.array([1, 1, 0, 0, 0]), 3, seed=0)
+
+
+def test_wilson_interval_known_values_and_edges():
+    from rdt_interp.analysis.stats import wilson_interval
+
+    # 0/n and n/n: the percentile bootstrap collapses to a point, Wilson does not
+    rate, lo, hi = wilson_interval(0, 128)
+    assert (rate, lo) == (0.0, 0.0) and hi == pytest.approx(1.96**2 / (128 + 1.96**2), rel=1e-3)
+    rate, lo, hi = wilson_interval(128, 128)
+    assert (rate, hi) == (1.0, 1.0) and 1 - lo == pytest.approx(1.96**2 / (128 + 1.96**2), rel=1e-3)
+    # a textbook value (Newcombe 1998, 81/263: 0.2553-0.3662)
+    rate, lo, hi = wilson_interval(81, 263)
+    assert (round(lo, 4), round(hi, 4)) == (0.2553, 0.3662)
+    # 0/1 outcomes give the same as their count; a wider level gives a wider interval
+    flags = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    assert wilson_interval(flags, 6) == wilson_interval(4, 6)
+    assert wilson_interval([True, False, True, True, False, True], 6) == wilson_interval(4, 6)
+    lo99, hi99 = wilson_interval(4, 6, level=0.99)[1:]
+    assert lo99 < wilson_interval(4, 6)[1] and hi99 > wilson_interval(4, 6)[2]
+
+
+@pytest.mark.parametrize(("k", "n"), [(-1, 5), (6, 5), (0, 0)])
+def test_wilson_interval_rejects_impossible_counts(k, n):
+    from rdt_interp.analysis.stats import wilson_interval
+
+    with pytest.raises(ConfigError):
+        wilson_interval(k, n)
+    with pytest.raises(ConfigError, match="0/1"):
+        wilson_interval(torch.tensor([0.0, 0.5]), 2)
+    with pytest.raises(ConfigError, match="outcomes for n"):
+        wilson_interval(torch.tensor([0.0, 1.0]), 3)

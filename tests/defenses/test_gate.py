@@ -49,6 +49,7 @@ def test_threshold_for_fpr_counts_benign_rows_above_it():
         threshold_for_fpr(s, 1.0)
     r = gate_rates(torch.tensor([3.0, 2.0, 1.0, 0.0]), torch.tensor([True, True, False, False]), 1.5, n_boot=50)
     assert (r.tpr, r.fpr, r.auc) == (1.0, 0.0, 1.0)
+    assert r.tpr_hi == 1.0 and r.tpr_lo < 1.0 and r.fpr_lo == 0.0 and r.fpr_hi > 0.0  # Wilson, not [1, 1] / [0, 0]
     assert GateRates.from_dict(r.to_dict()) == r
 
 

@@ -61,7 +61,7 @@ def chat():
 @pytest.mark.parametrize(("screen_n", "world"), [(3, 3), (0, 2)])
 def test_sharded_selection_equals_select_direction(chat, tmp_path, screen_n, world):
     model, cands = chat
-    cfg = SelectionConfig(screen_n=screen_n, final_n=4, top_k=3, kl_threshold=10.0)
+    cfg = SelectionConfig(screen_n=screen_n, final_n=4, top_k=3, kl_threshold=10.0, if_none_pass="unfiltered")
     ref = select_direction(model, cands, HARMFUL, HARMLESS, cfg, progress=False)
     run = RunDir(tmp_path / "run", {"what": "selection"})
     got = simulate(world, lambda ctx: sharded_selection(ctx, run, "selection", model, cands, HARMFUL, HARMLESS, cfg))

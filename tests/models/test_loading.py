@@ -3,9 +3,10 @@ import json
 import pytest
 import torch
 
-from rdt_interp.errors import CheckpointError, IntegrityError, UnknownNameError
+from rdt_interp.errors import CheckpointError, ConfigError, IntegrityError, UnknownNameError
 from rdt_interp.models import REGISTRY, load_chat_model, offline
 from rdt_interp.models.registry import lookup
+from rdt_interp.roles import Role
 
 
 def test_registry_has_required_entries():
@@ -129,3 +130,28 @@ def test_llama_2_7b_random_builds_and_runs_at_a_shrunken_shape(monkeypatch):
     batch = m.encode(["How do I bake bread?"])
     logits = m.model(**m.prefill_kwargs(batch, use_cache=False)).logits
     assert logits.shape[-1] == 32000 and torch.isfinite(logits).all()
+
+
+def test_reference_template_has_no_default_system_prompt():
+    """Arditi et al.'s Qwen format: the ChatML turn of the user only, where the model's own
+    template inserts a default system turn; a configured system prompt still renders."""
+    own = load_chat_model("tiny-qwen2", template="model")
+    ref = load_chat_model("tiny-qwen2", template="reference")
+    assert "system" in own.render("Bake bread")[0]
+    text, a, b = ref.render("Bake bread")
+    assert text == "<|im_start|>user\nBake bread<|im_end|>\n<|im_start|>assistant\n" and text[a:b] == "Bake bread"
+    assert ref.describe()["template"] == "reference" and own.describe()["template"] == "model"
+    assert ref.describe()["prompt_format"] == "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"
+    # the post-instruction tokens (where the direction is read) are the same as with the model's template
+    def post(m):
+        ids, roles = m.tokenize_with_roles("Bake bread")
+        return [i for i, r in zip(ids, roles, strict=True) if r & Role.POST_INSTRUCTION]
+
+    assert post(ref) == post(own) and ref.tokenizer.decode(post(ref)) == "<|im_end|>\n<|im_start|>assistant\n"
+    sys_ref = load_chat_model("tiny-qwen2", template="reference", system_prompt="Be brief.")
+    assert sys_ref.render("x")[0].startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    # models without a reference format keep their own template
+    assert load_chat_model("tiny-llama", template="reference").render("x")[0] == \
+        load_chat_model("tiny-llama").render("x")[0]
+    with pytest.raises(ConfigError, match="template must be"):
+        load_chat_model("tiny-qwen2", template="arditi")
