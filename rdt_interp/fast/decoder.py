@@ -279,36 +279,43 @@ def _mlp(x, w, spec):
 
 
 @no_type_check
-def _finish(h, a, w, attn_adds, mlp_adds, spec):
+def _finish(h, a, w, adds, spec):
+    _, attn_adds, mlp_adds, post_adds = adds
     h = h + apply_adds(a, attn_adds)
     m = _mlp(rms_norm(h, w.ln2, spec.eps), w, spec)
-    return h + apply_adds(m, mlp_adds)
+    return apply_adds(h + apply_adds(m, mlp_adds), post_adds)
 
 
 @no_type_check
-def prefill_layer(h, w, k_cache, v_cache, cos, sin, mask, attn_adds, mlp_adds, *, spec):
+def prefill_layer(h, w, k_cache, v_cache, cos, sin, mask, adds, *, spec):
     """One layer over a whole (left-padded) prompt of ``L`` positions; writes cache slots ``[0, L)``.
 
-    ``mask`` is ``[batch, 1, L, L]`` (True = attend); ``attn_adds``/``mlp_adds`` edit what the
-    attention / MLP block writes into the residual stream.
+    ``mask`` is ``[batch, 1, L, L]`` (True = attend); ``adds`` are the steering additions at the
+    layer's four sites in execution order (``resid_pre``, ``attn_out``, ``mlp_out``,
+    ``resid_post``). They are applied inside this function so that a compiled layer fuses each
+    addition into the kernel next to it (the one that reads the residual stream for the norm,
+    or the residual add), rather than launching a kernel of its own.
     """
+    h = apply_adds(h, adds[0])
     q, k, v = _project_qkv(rms_norm(h, w.ln1, spec.eps), w, spec)
     q, k = apply_rope(q, k, cos, sin)
     n = h.shape[1]
     k_cache[:, :, :n].copy_(k)
     v_cache[:, :, :n].copy_(v)
-    return _finish(h, _attn_out(q, k, v, mask, w, spec), w, attn_adds, mlp_adds, spec)
+    return _finish(h, _attn_out(q, k, v, mask, w, spec), w, adds, spec)
 
 
 @no_type_check
-def decode_layer(h, w, k_cache, v_cache, cos, sin, mask, slot, attn_adds, mlp_adds, *, spec):
+def decode_layer(h, w, k_cache, v_cache, cos, sin, mask, slot, adds, *, spec):
     """One layer for one new token per row: writes cache slot ``slot`` (a 1-element device
-    tensor) and attends over the whole cache under ``mask`` (``[batch, 1, 1, cache_len]``)."""
+    tensor) and attends over the whole cache under ``mask`` (``[batch, 1, 1, cache_len]``);
+    ``adds`` as in :func:`prefill_layer`."""
+    h = apply_adds(h, adds[0])
     q, k, v = _project_qkv(rms_norm(h, w.ln1, spec.eps), w, spec)
     q, k = apply_rope(q, k, cos, sin)
     k_cache.index_copy_(2, slot, k)
     v_cache.index_copy_(2, slot, v)
-    return _finish(h, _attn_out(q, k_cache, v_cache, mask, w, spec), w, attn_adds, mlp_adds, spec)
+    return _finish(h, _attn_out(q, k_cache, v_cache, mask, w, spec), w, adds, spec)
 
 
 @no_type_check

@@ -35,7 +35,6 @@ from torch import Tensor
 from rdt_interp.errors import ConfigError
 from rdt_interp.fast.decoder import (
     DecoderStack,
-    apply_adds,
     decode_layer,
     greedy,
     head_logits,
@@ -43,6 +42,8 @@ from rdt_interp.fast.decoder import (
 )
 from rdt_interp.fast.steering import SteeringBuffers, SteeringLayout
 from rdt_interp.models.adapter import EncodedBatch, ModelAdapter
+from rdt_interp.models.openvla.modeling import MultimodalLayout
+from rdt_interp.models.vla import ActionPrediction, VLAAdapter
 from rdt_interp.roles import Role
 from rdt_interp.tracing.generation import Generation
 from rdt_interp.tracing.interventions import Site
@@ -111,16 +112,16 @@ class _Kernels:
     """
 
     def __init__(self, stack: DecoderStack, *, compile_decode: bool, compile_prefill: bool,
-                 on_fail: Callable[[str, Exception], None]) -> None:
+                 on_fail: Callable[[str, Exception], None], autotune: bool = False) -> None:
         spec, eps = stack.spec, stack.spec.final_eps
 
         @no_type_check
-        def prefill(h, w, k_cache, v_cache, cos, sin, mask, attn_adds, mlp_adds):
-            return prefill_layer(h, w, k_cache, v_cache, cos, sin, mask, attn_adds, mlp_adds, spec=spec)
+        def prefill(h, w, k_cache, v_cache, cos, sin, mask, adds):
+            return prefill_layer(h, w, k_cache, v_cache, cos, sin, mask, adds, spec=spec)
 
         @no_type_check
-        def decode(h, w, k_cache, v_cache, cos, sin, mask, slot, attn_adds, mlp_adds):
-            return decode_layer(h, w, k_cache, v_cache, cos, sin, mask, slot, attn_adds, mlp_adds, spec=spec)
+        def decode(h, w, k_cache, v_cache, cos, sin, mask, slot, adds):
+            return decode_layer(h, w, k_cache, v_cache, cos, sin, mask, slot, adds, spec=spec)
 
         @no_type_check
         def head(h_last, norm_w, lm_w, lm_b):
@@ -130,9 +131,14 @@ class _Kernels:
         # let dynamo make the dimension that changed dynamic (a new bucket then needs no compile)
         self.prefill_layer = (_CompiledOrEager("prefill layer", prefill, on_fail, dynamic=None)
                               if compile_prefill else prefill)
-        self.decode_layer = (_CompiledOrEager("decode layer", decode, on_fail, dynamic=False)
+        # autotune: Inductor benchmarks its own (Triton) matmul kernels against cuBLAS for the
+        # decode shapes; the steps are captured as CUDA graphs here, so not by Inductor
+        dec_kw: dict[str, Any] = {"dynamic": False}
+        if autotune:
+            dec_kw["mode"] = "max-autotune-no-cudagraphs"
+        self.decode_layer = (_CompiledOrEager("decode layer", decode, on_fail, **dec_kw)
                              if compile_decode else decode)
-        self.head = _CompiledOrEager("LM head", head, on_fail, dynamic=False) if compile_decode else head
+        self.head = _CompiledOrEager("LM head", head, on_fail, **dec_kw) if compile_decode else head
         self.compiled = compile_decode or compile_prefill
 
 
@@ -156,6 +162,8 @@ class FastGenerator:
         fuse_projections: one GEMM for q/k/v and one for gate/up (copies those weights;
             default on for CUDA).
         warmup: eager runs before a capture (the first one compiles).
+        autotune: compile the decode layer and head with Inductor's max-autotune (it times its
+            own matmul kernels against the library's for each shape; minutes of compile time).
     """
 
     def __init__(
@@ -170,9 +178,8 @@ class FastGenerator:
         compile: CompileMode = "auto",
         fuse_projections: bool | None = None,
         warmup: int = 2,
+        autotune: bool = False,
     ) -> None:
-        from rdt_interp.models.openvla.modeling import OpenVLAModel
-
         self.adapter = adapter
         self.device = adapter.device
         self.dtype = adapter.dtype
@@ -188,8 +195,12 @@ class FastGenerator:
         self.n_tokens = int(n_tokens)
         self.max_batch = int(max_batch)
         self.bucket = int(bucket)
-        self.multimodal = isinstance(adapter.model, OpenVLAModel)
-        self.n_patches = adapter.model.num_patches if self.multimodal else 0
+        # a VLA: its prompt is text + image patches (OpenVLA, the testbed VLA)
+        self.multimodal = isinstance(adapter, VLAAdapter)
+        if self.multimodal and not getattr(adapter.model, "merged", True):
+            raise ConfigError("the fast path reads the LLM's own embedding and head rows; this VLA "
+                              "keeps its action rows apart until merged", fix="call model.merge_() first")
+        self.n_patches = adapter.num_patches if self.multimodal else 0
         if max_prompt_len is None:
             max_prompt_len = self.n_patches + 64 if self.multimodal else 256
         self.max_prompt_len = _round_up(int(max_prompt_len), self.bucket)
@@ -211,11 +222,16 @@ class FastGenerator:
                               f"({window}); the fast path implements full attention only",
                               fix=f"use max_prompt_len <= {window - self.n_tokens} or the eager path")
         self.stats = FastStats(compile_mode=mode, cuda_graphs=self.cuda_graphs)
+        if autotune and mode == "none":
+            raise ConfigError("autotune needs a compiled decode step", fix="use compile='decode' or 'all'")
         self._kernels = _Kernels(self.stack, compile_decode=mode in ("decode", "all"),
-                                 compile_prefill=mode == "all", on_fail=self._compile_failed)
+                                 compile_prefill=mode == "all", on_fail=self._compile_failed, autotune=autotune)
+        if autotune:
+            self.stats.compile_mode += " (decode: max-autotune)"
         self._alloc()
         self._steps: dict[tuple[Any, ...], _Step] = {}
         self._steering: dict[Any, SteeringBuffers] = {}
+        self._layouts: dict[tuple[int, ...], tuple[tuple[Any, ...], SteeringLayout]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self._last: tuple[tuple[Any, ...], tuple[Any, ...]] | None = None
 
@@ -232,16 +248,22 @@ class FastGenerator:
         # prefill inputs
         self.pos_pre = long(bm, pm)
         self.prefix_valid = torch.zeros(bm, pm, dtype=torch.bool, device=dev)
+        self.roles_pre = long(bm, pm)  # read by steered prefill steps only
+        # their host-side staging: padded in place, one asynchronous copy up (pinned on CUDA); the
+        # event says when the previous copy has read it, so it is never overwritten too early
+        self._roles_host = torch.zeros(bm, pm, dtype=torch.long)
+        self._roles_copied: Any = None
+        self._roles_last: tuple[tuple[int, int, int], Tensor] | None = None
+        if dev.type == "cuda":
+            self._roles_host = self._roles_host.pin_memory()
         self._causal = torch.ones(pm, pm, dtype=torch.bool, device=dev).tril()
         self._eye = torch.eye(pm, dtype=torch.bool, device=dev)
         if self.multimodal:
-            model = self.adapter.model
-            size = model.config.image_size
             self.text_ids = long(bm, pm - self.n_patches)
             self.text_index = long(bm, pm)
             self.patch_index = long(bm, pm)
             self.is_patch = torch.zeros(bm, pm, dtype=torch.bool, device=dev)
-            self.pixels = torch.zeros(bm, model.vision_backbone.in_channels, size, size, dtype=dt, device=dev)
+            self.pixels = torch.zeros(bm, *self.adapter.pixel_shape, dtype=dt, device=dev)
         else:
             self.ids = long(bm, pm)
         # decode state: advanced by the decode step itself
@@ -253,6 +275,20 @@ class FastGenerator:
         self.out_tokens = long(bm, self.n_tokens)
         self.out_logits: Tensor | None = None
         self._allowed: dict[int, Tensor] = {}
+
+    def _layout(self, ivs: list[Any]) -> SteeringLayout:
+        """The layout of ``ivs``, remembered for the last few lists of the same intervention
+        objects (they are frozen values: the same objects give the same layout)."""
+        key = tuple(id(iv) for iv in ivs)
+        hit = self._layouts.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], ivs, strict=True)):
+            return hit[1]
+        layout = SteeringLayout.of(ivs, n_layers=self.stack.spec.n_layers, d_model=self.stack.spec.d_model,
+                                   generated_role=self.generated_role)
+        if len(self._layouts) >= 16:
+            self._layouts.pop(next(iter(self._layouts)))
+        self._layouts[key] = (tuple(ivs), layout)  # holding the objects keeps their ids unique
+        return layout
 
     def cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
@@ -274,8 +310,7 @@ class FastGenerator:
                               fix="encode with padding_side='left' (the default)")
         self.adapter.check_batch(batch)
         ivs = list(interventions)
-        layout = SteeringLayout.of(ivs, n_layers=self.stack.spec.n_layers, d_model=self.stack.spec.d_model,
-                                   generated_role=self.generated_role)
+        layout = self._layout(ivs)
         allowed = self.adapter.allowed_token_ids() if allowed_token_ids is None else allowed_token_ids
         n = len(batch)
         if n <= self.max_batch:
@@ -298,8 +333,6 @@ class FastGenerator:
         return_logits: bool = False,
     ) -> Any:
         """:meth:`VLAAdapter.predict_actions` on the fast path (same tokens, same decoding)."""
-        from rdt_interp.models.vla import ActionPrediction, VLAAdapter
-
         ad = self.adapter
         if not isinstance(ad, VLAAdapter):
             raise ConfigError(f"{ad.name} is not a VLA adapter", fix="use generate() for chat models")
@@ -378,9 +411,10 @@ class FastGenerator:
             steer = SteeringBuffers(layout, max_batch=self.max_batch, max_len=self.max_prompt_len,
                                     d_model=self.stack.spec.d_model, dtype=self.dtype, device=self.device)
             self._steering[layout.key] = steer
+        if layout.prefill:
+            self._stage_roles(batch.roles, b, length, pad)
         if layout.decode or layout.prefill:
-            roles = F.pad(batch.roles.to(self.device), (pad, 0), value=int(Role.PAD))
-            steer.fill(ivs, roles, self.generated_role)
+            steer.fill(ivs, b)
         n_allowed = None
         if allowed is not None:
             allowed = allowed.to(device=self.device, dtype=torch.long).reshape(-1)
@@ -408,6 +442,24 @@ class FastGenerator:
         return Generation(tokens=tokens, finished=torch.zeros(b, dtype=torch.bool, device=self.device),
                           logits=logits)
 
+    def _stage_roles(self, roles: Tensor, b: int, length: int, pad: int) -> None:
+        """Copy the batch's roles (host) into the static prefill roles, left-padded with PAD;
+        nothing to do when they equal the last ones staged (a control loop's repeated prompt)."""
+        roles = roles.cpu()  # EncodedBatch keeps them on the host; a no-op then
+        last = self._roles_last
+        if last is not None and last[0] == (b, length, pad) and torch.equal(last[1], roles):
+            return
+        self._roles_last = ((b, length, pad), roles.clone())
+        if self._roles_copied is not None:
+            self._roles_copied.synchronize()
+        host = self._roles_host[:b, :length]
+        host[:, :pad].fill_(int(Role.PAD))
+        host[:, pad:].copy_(roles)
+        self.roles_pre[:b, :length].copy_(host, non_blocking=True)
+        if self.device.type == "cuda":
+            self._roles_copied = torch.cuda.Event()
+            self._roles_copied.record()
+
     def _stage(self, batch: EncodedBatch, b: int, length: int, pad: int) -> None:
         """Copy a batch into the static prefill inputs, left-padded by ``pad`` to ``length``."""
         dev = self.device
@@ -420,8 +472,6 @@ class FastGenerator:
                 raise ConfigError(f"input_ids {tuple(ids.shape)} and the attention mask {tuple(mask.shape)} differ")
             self.ids[:b, :length].copy_(F.pad(ids, (pad, 0)))
             return
-        from rdt_interp.models.openvla.modeling import MultimodalLayout
-
         ids = batch.inputs["input_ids"].to(dev)
         text_mask = batch.inputs["attention_mask"].to(dev)
         pixels = batch.inputs.get("pixel_values")
@@ -449,8 +499,6 @@ class FastGenerator:
         if not self.multimodal:
             ids = self.ids[:b, :length]
             return lambda: emb(ids)
-        from rdt_interp.models.openvla.modeling import MultimodalLayout
-
         model = self.adapter.model
         text_ids = self.text_ids[:b, :length - self.n_patches]
         layout = MultimodalLayout(self.text_index[:b, :length], self.patch_index[:b, :length],
@@ -468,7 +516,7 @@ class FastGenerator:
 
     def _make_prefill(self, b: int, length: int, steer: SteeringBuffers, opts: tuple) -> Callable[[], None]:
         return_logits, n_allowed = opts
-        per_layer = self._site_lists(steer.prefill_sites(b, length))
+        roles = self.roles_pre[:b, :length]
         embed = self._embed_prefill(b, length)
         kc = [k[:b] for k in self.k_cache]
         vc = [v[:b] for v in self.v_cache]
@@ -487,11 +535,9 @@ class FastGenerator:
             key_valid[:, length:].fill_(False)
             mask = ((causal[None] & valid[:, None, :]) | eye[None])[:, None]
             cos, sin = self.cos[pos], self.sin[pos]
+            per_layer = self._site_lists(steer.compute(b, roles))  # on the device: part of the step
             for layer, w in enumerate(stack.layers):
-                pre, attn, mlp, post = per_layer[layer]
-                h = apply_adds(h, pre)
-                h = kern.prefill_layer(h, w, kc[layer], vc[layer], cos, sin, mask, attn, mlp)
-                h = apply_adds(h, post)
+                h = kern.prefill_layer(h, w, kc[layer], vc[layer], cos, sin, mask, per_layer[layer])
             # a copy with the decode step's strides (.contiguous() keeps a [1, 1, d] view's), so
             # the compiled head has one variant per batch size, not one per bucket
             last = h[:, -1:].clone(memory_format=torch.contiguous_format)
@@ -526,10 +572,7 @@ class FastGenerator:
             key_valid.index_fill_(1, slot, True)
             mask = key_valid[:, None, None, :]
             for layer, w in enumerate(stack.layers):
-                pre, attn, mlp, post = per_layer[layer]
-                h = apply_adds(h, pre)
-                h = kern.decode_layer(h, w, kc[layer], vc[layer], cos, sin, mask, slot, attn, mlp)
-                h = apply_adds(h, post)
+                h = kern.decode_layer(h, w, kc[layer], vc[layer], cos, sin, mask, slot, per_layer[layer])
             logits = kern.head(h, stack.norm_w, stack.lm_w, stack.lm_b)
             nxt = greedy(logits, allowed)
             out_tokens.index_copy_(1, t, nxt[:, None])

@@ -4,20 +4,25 @@
 A :class:`SteeringLayout` is what a captured step depends on: which ``(layer, site)`` gets how
 many additions, in the order :class:`~rdt_interp.tracing.interventions.InterventionPlan` applies
 them. Its ``key`` ignores directions and alphas, so changing them reuses the captured graphs;
-:class:`SteeringBuffers` holds the values:
+:class:`SteeringBuffers` holds the values (direction, alpha per row, role flags) and turns them
+into additions on the device, inside the captured prefill step:
 
 * decode: one ``[max_batch, 1, d]`` buffer per addition, holding exactly what
   :meth:`AddDirection.apply` adds at an action step (``alpha * r``, rounded as the eager path
-  rounds it);
-* prefill: a ``[max_batch, max_len]`` scale (``alpha`` at positions whose role matches, 0
-  elsewhere, padding included) and the ``[d]`` direction; the step adds ``scale * r``.
+  rounds it), written once per call by the prefill step;
+* prefill: a ``[batch, seq]`` scale (``alpha`` at positions whose role matches, 0 elsewhere,
+  padding included) and the ``[d]`` direction; the step adds ``scale * r``.
+
+The host's work per call is the few scalar fills of :meth:`SteeringBuffers.fill`; no mask is built
+on the host and nothing is copied while the values stay the same (measured in
+docs/benchmarks.md: the steering cost of the fast path).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Int
@@ -30,7 +35,6 @@ from rdt_interp.tracing.interventions import (
     AddDirection,
     InterventionPlan,
     Site,
-    StepContext,
 )
 
 PhaseName = Literal["prefill", "decode"]
@@ -97,7 +101,15 @@ class SteeringLayout:
 
 
 class SteeringBuffers:
-    """Static tensors for one layout; captured steps read them, :meth:`fill` rewrites them."""
+    """Static tensors for one layout; captured steps read them, :meth:`fill` rewrites them.
+
+    Per addition the buffers hold the *values* only: the direction ``[d]`` and ``alpha`` per row
+    ``[max_batch]``, both in the model's dtype (rounded as :meth:`AddDirection.apply` rounds
+    them), and for prefill additions the role flags to match. Everything positional is computed
+    on the device inside the captured prefill step (:meth:`compute`), from the roles the engine
+    stages with the batch, so a call costs the host one ``fill_`` per alpha and nothing else
+    while the directions stay the same tensors (a changed or new direction is one copy).
+    """
 
     def __init__(
         self, layout: SteeringLayout, *, max_batch: int, max_len: int, d_model: int,
@@ -108,9 +120,75 @@ class SteeringBuffers:
         self.max_len = max_len
         self.dtype = dtype
         self.device = device
+        slots = layout.decode + layout.prefill
+        self.vec = [torch.zeros(d_model, dtype=dtype, device=device) for _ in slots]
+        self.alpha = [torch.zeros(max_batch, dtype=dtype, device=device) for _ in slots]
+        long0 = lambda: torch.zeros((), dtype=torch.long, device=device)  # noqa: E731
+        self.role_bits = [long0() for _ in layout.prefill]  # positions carrying any of these flags
+        self.pad_bits = [long0() for _ in layout.prefill]  # ... and none of these (PAD, unless asked)
         self.decode_add = [torch.zeros(max_batch, 1, d_model, dtype=dtype, device=device) for _ in layout.decode]
-        self.prefill_scale = [torch.zeros(max_batch, max_len, dtype=dtype, device=device) for _ in layout.prefill]
-        self.prefill_vec = [torch.zeros(d_model, dtype=dtype, device=device) for _ in layout.prefill]
+        # what the buffers hold now: (tensor kept alive, pointer, version) / alpha / role flags
+        self._held: list[Any] = [None] * (2 * len(slots) + len(layout.prefill))
+
+    # -- host side: values -------------------------------------------------------------------------
+    @torch.no_grad()
+    def fill(self, interventions: Sequence[AddDirection], rows: int) -> None:
+        """Write the values of ``interventions`` (same layout) for a batch of ``rows`` rows.
+
+        Copies only what changed since the last call: a direction is the same if it is the same
+        storage at the same version (an in-place edit bumps the version), an alpha if it is the
+        same number.
+        """
+        if rows > self.max_batch:
+            raise ConfigError(f"batch of {rows} rows exceeds the buffers ({self.max_batch})")
+        n_slots = len(self.vec)
+        for i, slot in enumerate(self.layout.decode + self.layout.prefill):
+            iv = interventions[slot.index]
+            self._set_vector(i, iv.direction)
+            self._set_alpha(n_slots + i, self.alpha[i], iv.alpha, rows)
+        for j, slot in enumerate(self.layout.prefill):
+            role = interventions[slot.index].roles
+            if self._held[2 * n_slots + j] != int(role):
+                self.role_bits[j].fill_(int(role))
+                self.pad_bits[j].fill_(0 if role & Role.PAD else int(Role.PAD))
+                self._held[2 * n_slots + j] = int(role)
+
+    def _set_vector(self, i: int, direction: Tensor) -> None:
+        key = (direction, direction.data_ptr(), direction._version, direction.device)
+        held = self._held[i]
+        if held is not None and held[0] is direction and held[1:] == key[1:]:
+            return
+        self.vec[i].copy_(direction)  # the dtype cast rounds as direction.to(dtype) does
+        self._held[i] = key  # holding the tensor keeps its storage (and pointer) from being reused
+
+    def _set_alpha(self, k: int, buf: Tensor, alpha: float | Tensor, rows: int) -> None:
+        if isinstance(alpha, Tensor):
+            if alpha.ndim != 1 or alpha.shape[0] != rows:
+                raise ConfigError(f"per-row alpha has shape {tuple(alpha.shape)}, batch has {rows} rows")
+            buf[:rows].copy_(alpha.to(self.dtype))  # rounded as apply() rounds it
+            self._held[k] = None
+            return
+        if self._held[k] != ("scalar", float(alpha)):
+            buf.fill_(float(alpha))
+            self._held[k] = ("scalar", float(alpha))
+
+    # -- device side: inside the captured steps ------------------------------------------------------
+    def compute(
+        self, batch: int, roles: Int[Tensor, "batch seq"]
+    ) -> dict[tuple[int, Site], list[tuple[Tensor, Tensor]]]:
+        """Run inside the prefill step: write the decode additions (``alpha * r`` per row, what
+        :meth:`AddDirection.apply` adds at an action step) and return, per ``(layer, site)``,
+        the ``(scale [batch, seq], direction [d])`` pairs of the prefill additions, where
+        ``scale`` is ``alpha`` at positions whose role matches and 0 elsewhere (padding too)."""
+        for i, buf in enumerate(self.decode_add):
+            buf[:batch].copy_(self.alpha[i][:batch, None, None] * self.vec[i])
+        out: dict[tuple[int, Site], list[tuple[Tensor, Tensor]]] = {}
+        off = len(self.layout.decode)
+        for j, slot in enumerate(self.layout.prefill):
+            mask = ((roles & self.role_bits[j]) != 0) & ((roles & self.pad_bits[j]) == 0)
+            scale = self.alpha[off + j][:batch, None] * mask.to(self.dtype)
+            out.setdefault((slot.layer, slot.site), []).append((scale, self.vec[off + j]))
+        return out
 
     def decode_sites(self, batch: int) -> dict[tuple[int, Site], list[Tensor]]:
         """Per ``(layer, site)``, the additions of a decode step (views of the buffers)."""
@@ -118,48 +196,3 @@ class SteeringBuffers:
         for slot, buf in zip(self.layout.decode, self.decode_add, strict=True):
             out.setdefault((slot.layer, slot.site), []).append(buf[:batch])
         return out
-
-    def prefill_sites(self, batch: int, length: int) -> dict[tuple[int, Site], list[tuple[Tensor, Tensor]]]:
-        """Per ``(layer, site)``, the ``(scale, direction)`` pairs of a prefill of ``length``."""
-        out: dict[tuple[int, Site], list[tuple[Tensor, Tensor]]] = {}
-        for slot, scale, vec in zip(self.layout.prefill, self.prefill_scale, self.prefill_vec, strict=True):
-            out.setdefault((slot.layer, slot.site), []).append((scale[:batch, :length], vec))
-        return out
-
-    @torch.no_grad()
-    def fill(
-        self,
-        interventions: Sequence[AddDirection],
-        prefill_roles: Int[Tensor, "batch seq"],
-        generated_role: Role,
-    ) -> None:
-        """Write the values of ``interventions`` (same layout) for a batch whose (padded)
-        prefill positions have ``prefill_roles``."""
-        if not self.layout.decode and not self.layout.prefill:
-            return
-        b, n = prefill_roles.shape
-        if b > self.max_batch or n > self.max_len:
-            raise ConfigError(f"batch {b} x {n} positions exceeds the buffers ({self.max_batch} x {self.max_len})")
-        gen = torch.full((b, 1), int(generated_role), dtype=torch.long, device=self.device)
-        zero = torch.zeros(b, 1, self.decode_add[0].shape[-1] if self.decode_add else 1,
-                           dtype=self.dtype, device=self.device)
-        ctx = StepContext("decode", gen, 1)
-        for slot, buf in zip(self.layout.decode, self.decode_add, strict=True):
-            # exactly what the eager hook adds at an action step: apply() to zeros
-            buf[:b].copy_(interventions[slot.index].apply(zero, ctx))
-        for slot, scale, vec in zip(self.layout.prefill, self.prefill_scale, self.prefill_vec, strict=True):
-            iv = interventions[slot.index]
-            scale[:b, :n].copy_(prefill_scale(iv, prefill_roles, self.dtype))
-            vec.copy_(iv.direction.to(device=self.device, dtype=self.dtype))
-
-
-def prefill_scale(iv: AddDirection, roles: Int[Tensor, "batch seq"], dtype: torch.dtype) -> Tensor:
-    """``alpha`` where ``roles`` match ``iv.roles``, else 0, computed (and rounded) as
-    :meth:`AddDirection.apply` computes its scale; ``[batch, seq]`` in ``dtype``."""
-    mask = role_mask(roles, iv.roles).to(dtype)
-    alpha = iv.alpha
-    if isinstance(alpha, Tensor):
-        if alpha.ndim != 1 or alpha.shape[0] != roles.shape[0]:
-            raise ConfigError(f"per-row alpha has shape {tuple(alpha.shape)}, batch has {roles.shape[0]} rows")
-        return alpha.to(device=roles.device, dtype=dtype)[:, None] * mask
-    return float(alpha) * mask

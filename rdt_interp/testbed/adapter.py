@@ -129,6 +129,11 @@ class TestbedVLAAdapter(VLAAdapter):
         return self.model.config.vision.image_size
 
     @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """``(channels, height, width)`` of one image's ``pixel_values``."""
+        return 3, self.image_size, self.image_size
+
+    @property
     def prompt(self) -> OpenVLAPrompt:
         return self._prompt
 

@@ -126,15 +126,34 @@ class AddDirection:
     def sites(self) -> Iterable[tuple[int, Site]]:
         return ((layer, self.site) for layer in self.layers)
 
+    def _on(self, device: torch.device, dtype: torch.dtype, alpha: float | None = None) -> Tensor:
+        """The direction (times ``alpha``, rounded as ``apply`` rounds it) on ``device`` in
+        ``dtype``, copied once per (device, dtype, alpha) rather than at every forward pass; an
+        in-place edit of the direction (a new tensor version) invalidates the copies."""
+        cache: dict[tuple[object, ...], Tensor] = self.__dict__.setdefault("_copies", {})
+        key = (device, dtype, alpha, self.direction._version)
+        hit = cache.get(key)
+        if hit is None:
+            if len(cache) > 8:
+                cache.clear()
+            hit = self.direction.to(device=device, dtype=dtype)
+            if alpha is not None:  # bf16(alpha) * r: what a mask of ones gives below
+                hit = torch.tensor(alpha, dtype=torch.float32).to(device=device, dtype=dtype) * hit
+            cache[key] = hit
+        return hit
+
     def apply(self, h: Tensor, ctx: StepContext) -> Tensor:
         if not _phase_ok(self.phase, ctx):
             return h
         mask = role_mask(ctx.roles, self.roles)  # on the host when the caller passed host roles
         if not bool(mask.any()):
             return h
-        mask = to_device(mask, h.device)  # layers may sit on other devices than the batch
-        vec = self.direction.to(device=h.device, dtype=h.dtype)
         alpha = self.alpha
+        if not isinstance(alpha, Tensor) and mask.device.type == "cpu" and bool(mask.all()):
+            # every position steered (a decode step at action positions): one addition, no mask
+            return h + self._on(h.device, h.dtype, float(alpha))
+        mask = to_device(mask, h.device)  # layers may sit on other devices than the batch
+        vec = self._on(h.device, h.dtype)
         if isinstance(alpha, Tensor):
             if alpha.ndim != 1 or alpha.shape[0] != h.shape[0]:
                 raise ConfigError(

@@ -22,6 +22,9 @@ def _hf_layer(chat, layer: int, h: torch.Tensor, pos: torch.Tensor, mask: torch.
     return out[0] if isinstance(out, tuple) else out
 
 
+NO_ADDS = ((), (), (), ())  # steering additions at resid_pre, attn_out, mlp_out, resid_post
+
+
 @pytest.mark.parametrize("fuse", [False, True])
 def test_prefill_and_decode_layers_match_the_modules(chat, fuse):
     stack = DecoderStack(chat, fuse=fuse)
@@ -37,12 +40,12 @@ def test_prefill_and_decode_layers_match_the_modules(chat, fuse):
     with torch.no_grad():
         ref = _hf_layer(chat, 1, h, pos, causal[None, None].expand(b, 1, -1, -1))
         ours = prefill_layer(h[:, :n], stack.layers[1], kc, vc, cos_t[pos[:, :n]], sin_t[pos[:, :n]],
-                             causal[None, None, :n, :n].expand(b, 1, -1, -1), (), (), spec=spec)
+                             causal[None, None, :n, :n].expand(b, 1, -1, -1), NO_ADDS, spec=spec)
         assert (ours - ref[:, :n]).abs().max().item() < 1e-5
         valid = torch.zeros(b, 1, 1, cache, dtype=torch.bool)
         valid[..., : n + 1] = True
         step = decode_layer(h[:, n:], stack.layers[1], kc, vc, cos_t[pos[:, n:]], sin_t[pos[:, n:]], valid,
-                            torch.tensor([n]), (), (), spec=spec)
+                            torch.tensor([n]), NO_ADDS, spec=spec)
     assert (step - ref[:, n:]).abs().max().item() < 1e-5
     assert kc[:, :, n + 1:].eq(7.0).all()  # only slot n was written
 

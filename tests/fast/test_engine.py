@@ -66,6 +66,33 @@ def test_vla_actions_match_eager(vla, direction, kind):
         assert (base.action_logits - ref.action_logits).abs().max().item() > 1e-2  # steering acts
 
 
+@pytest.mark.parametrize("kind", ["none", "rdt_plus"])
+def test_the_testbed_vla_matches_eager(kind):
+    """The testbed VLA (Qwen2 decoder, its own vision encoder) runs on the same fast path."""
+    from rdt_interp.testbed.adapter import build_tiny_testbed_vla
+
+    tb = build_tiny_testbed_vla(seed=2)
+    with torch.no_grad():  # logits spread wide enough that fp32 greedy tokens are no near-ties
+        for p in tb.model.language_model.parameters():
+            if p.ndim == 2:
+                p.mul_(10.0)
+    r = torch.randn(tb.d_model, generator=torch.Generator().manual_seed(4))
+    ivs = rdt_plus(r / r.norm(), 6.0, 4.0, [1, 2]) if kind == "rdt_plus" else []
+    reqs = vla_requests(3, size=tb.image_size)
+    ref = tb.predict_actions(reqs, interventions=ivs, return_logits=True)
+    got = FastGenerator(tb, max_prompt_len=160, bucket=8).predict_actions(reqs, interventions=ivs,
+                                                                        return_logits=True)
+    assert torch.equal(got.token_ids, ref.token_ids)
+    assert (got.action_logits - ref.action_logits).abs().max().item() <= LOGIT_TOL
+
+
+def test_an_unmerged_testbed_vla_is_refused():
+    from rdt_interp.testbed.adapter import build_tiny_testbed_vla
+
+    with pytest.raises(ConfigError, match="merge"):
+        FastGenerator(build_tiny_testbed_vla(seed=2, merge=False))
+
+
 def test_alpha_and_direction_changes_reuse_the_steps(vla, direction):
     batch = vla.encode(vla_requests(4))
     fast = FastGenerator(vla, max_prompt_len=256)

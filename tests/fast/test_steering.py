@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rdt_interp.errors import ConfigError, DModelMismatchError
-from rdt_interp.fast.steering import SteeringBuffers, SteeringLayout, prefill_scale
+from rdt_interp.fast.steering import SteeringBuffers, SteeringLayout
 from rdt_interp.roles import Role
 from rdt_interp.tracing.interventions import (
     AblateDirection,
@@ -74,9 +74,9 @@ def test_buffers_hold_exactly_what_the_eager_edit_adds(dtype, alpha):
     roles = torch.tensor([[int(Role.PAD), int(Role.BOS | Role.TEXT), int(Role.IMAGE), int(Role.TEXT)],
                           [int(Role.BOS | Role.TEXT), int(Role.IMAGE), int(Role.TEXT), int(Role.TEXT)]])
     buf = SteeringBuffers(layout(ivs), max_batch=3, max_len=6, d_model=D, dtype=dtype, device=torch.device("cpu"))
-    buf.fill(ivs, roles, Role.ACTION)
+    buf.fill(ivs, 2)
     h = torch.randn(2, 4, D, generator=g).to(dtype)
-    (scale, vec), = buf.prefill_sites(2, 4)[(1, ivs[1].site)]
+    (scale, vec), = buf.compute(2, roles)[(1, ivs[1].site)]
     eager = ivs[1].apply(h, StepContext("prefill", roles))
     assert torch.equal(h + scale[:, :, None] * vec, eager)
     assert scale[0, 0] == 0 and scale[0, 2] == 0  # padding and image untouched (text only)
@@ -86,7 +86,38 @@ def test_buffers_hold_exactly_what_the_eager_edit_adds(dtype, alpha):
     assert torch.equal(step + add, ivs[0].apply(step, StepContext("decode", gen, 1)))
 
 
+def test_padding_is_steered_only_when_asked():
+    v = torch.ones(D)
+    roles = torch.tensor([[int(Role.PAD), int(Role.TEXT)]])
+    for role, expected in ((Role.TEXT, [0.0, 2.0]), (Role.TEXT | Role.PAD, [2.0, 2.0])):
+        ivs = [AddDirection(v, 2.0, [0], roles=role, phase="prefill")]
+        buf = SteeringBuffers(layout(ivs), max_batch=1, max_len=2, d_model=D, dtype=torch.float32,
+                              device=torch.device("cpu"))
+        buf.fill(ivs, 1)
+        (scale, _), = buf.compute(1, roles)[(0, ivs[0].site)]
+        assert scale[0].tolist() == expected
+
+
+def test_fill_copies_a_direction_only_when_it_changed():
+    v = torch.ones(D)
+    ivs = rdt_plus(v, 2.0, 1.0, [1])
+    buf = SteeringBuffers(layout(ivs), max_batch=2, max_len=4, d_model=D, dtype=torch.float32,
+                          device=torch.device("cpu"))
+    buf.fill(ivs, 2)
+    buf.vec[0].zero_()  # a stale buffer: the same direction tensor is not copied again ...
+    buf.fill(ivs, 2)
+    assert buf.vec[0].eq(0).all()
+    ivs[0].direction.mul_(3.0)  # ... an in-place edit of it is (its version changed) ...
+    buf.fill(ivs, 2)
+    assert buf.vec[0].eq(3.0).all()
+    other = rdt_plus(torch.full((D,), 5.0), -1.5, 1.0, [1])  # ... and so is another tensor
+    buf.fill(other, 2)
+    assert buf.vec[0].eq(5.0).all() and buf.alpha[0].eq(-1.5).all()
+
+
 def test_per_row_alpha_must_match_the_batch():
-    iv = AddDirection(torch.ones(D), torch.tensor([1.0, 2.0, 3.0]), 0, roles=Role.TEXT)
+    ivs = [AddDirection(torch.ones(D), torch.tensor([1.0, 2.0, 3.0]), 0, roles=Role.TEXT, phase="prefill")]
+    buf = SteeringBuffers(layout(ivs), max_batch=4, max_len=3, d_model=D, dtype=torch.float32,
+                          device=torch.device("cpu"))
     with pytest.raises(ConfigError, match="per-row alpha"):
-        prefill_scale(iv, torch.full((2, 3), int(Role.TEXT)), torch.float32)
+        buf.fill(ivs, 2)

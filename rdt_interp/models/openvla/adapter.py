@@ -104,6 +104,13 @@ class OpenVLAAdapter(VLAAdapter):
         return self.model.num_patches
 
     @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """``(channels, height, width)`` of one image's ``pixel_values`` (6 channels when the
+        two vision towers get their own normalisation)."""
+        size = int(self.model.config.image_size)
+        return int(self.model.vision_backbone.in_channels), size, size
+
+    @property
     def prompt(self) -> OpenVLAPrompt:
         if self._prompt is None:
             raise ConfigError(

@@ -1,0 +1,116 @@
+"""Where the fast path's time goes: GPU kernel times of one guarded action, by kernel and by phase.
+
+Builds the OpenVLA-7b-shaped random model (bf16), a :class:`FastGenerator` with the default
+compile settings but without CUDA graphs (the profiler then sees every kernel; kernel durations
+are the graph's, the launch gaps are not), runs a few warm calls with RDT+, and records
+``--calls`` more under ``torch.profiler``. Prints the top kernels by total GPU time, the GPU time
+per call, and the share spent in matmuls, attention, and everything else (elementwise, norms,
+copies): the part a fused or better-tuned kernel could recover.
+
+    python benchmarks/profile_fast_step.py --out runs/profile.json            # GPU
+    python benchmarks/profile_fast_step.py --tiny --device cpu --out /tmp/p.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from _common import write_json  # noqa: E402
+from bench_openvla import TINY_TEXT, TINY_VISION, instructions, word_tokenizer  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from rdt_interp.fast import FastGenerator  # noqa: E402
+from rdt_interp.models.openvla import build_random_openvla, openvla_7b_config  # noqa: E402
+from rdt_interp.models.vla import VLARequest  # noqa: E402
+from rdt_interp.tracing import rdt_plus  # noqa: E402
+
+MATMUL = ("gemm", "gemv", "cutlass", "sm90_", "nvjet", "mm_", "matmul", "splitk")
+ATTENTION = ("flash", "fmha", "attention", "sdpa", "efficient")
+
+
+def kind(name: str) -> str:
+    low = name.lower()
+    if any(k in low for k in ATTENTION):
+        return "attention"
+    if any(k in low for k in MATMUL):
+        return "matmul"
+    return "other"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--calls", type=int, default=5)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    texts = instructions(args.batch + 4, 0)
+    rng = np.random.default_rng(0)
+    reqs = [VLARequest(t, rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for t in texts]
+    cfg = openvla_7b_config()
+    overrides = None
+    layer = 14
+    if args.tiny:
+        cfg["text_config"] = dict(TINY_TEXT)
+        overrides = TINY_VISION
+        layer = 1
+    vla = build_random_openvla(cfg, dtype, device, 0, tokenizer=word_tokenizer(texts), vision_overrides=overrides)
+    r = torch.randn(vla.d_model, generator=torch.Generator().manual_seed(1))
+    ivs = rdt_plus(r / r.norm(), 4.0, 2.0, layer)
+    batch = vla.encode(reqs[: args.batch])
+    fast = FastGenerator(vla, max_batch=args.batch, cuda_graphs=False)
+    for _ in range(3):
+        fast.generate(batch, interventions=ivs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(args.calls):
+            fast.generate(batch, interventions=ivs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    wall = (time.perf_counter() - t0) / args.calls
+    rows: list[dict[str, Any]] = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0) or 0
+        if device.type == "cuda" and ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        if device.type != "cuda":
+            t = ev.self_cpu_time_total
+        rows.append({"name": ev.key[:120], "kind": kind(ev.key), "calls_per_action": ev.count / args.calls,
+                     "us_per_action": t / args.calls})
+    rows.sort(key=lambda x: -x["us_per_action"])
+    total = sum(x["us_per_action"] for x in rows)
+    by_kind: dict[str, float] = {}
+    for x in rows:
+        by_kind[x["kind"]] = by_kind.get(x["kind"], 0.0) + x["us_per_action"]
+    n_kernels = sum(x["calls_per_action"] for x in rows)
+    res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "batch": args.batch,
+           "calls": args.calls, "wall_ms_per_action_without_graphs": 1e3 * wall,
+           "gpu_busy_ms_per_action": total / 1e3, "kernels_per_action": n_kernels,
+           "ms_by_kind": {k: v / 1e3 for k, v in by_kind.items()}, "top_kernels": rows[:40],
+           "fast_path": fast.describe()}
+    write_json(str(args.out), res)
+    print(f"{res['device']}, batch {args.batch}: GPU busy {res['gpu_busy_ms_per_action']:.2f} ms per action, "
+          f"{n_kernels:.0f} kernels; wall without graphs {res['wall_ms_per_action_without_graphs']:.2f} ms")
+    print("by kind (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in res["ms_by_kind"].items()))
+    print("| kernel | kind | per action | us per action |\n|---|---|---|---|")
+    for x in rows[:25]:
+        print(f"| {x['name'][:90]} | {x['kind']} | {x['calls_per_action']:.0f} | {x['us_per_action']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
