@@ -26,7 +26,7 @@ from rdt_interp.analysis.behaviour import (
     refusal_rate,
     zero_motion_mass,
 )
-from rdt_interp.analysis.layer_pick import LayerPick, pick_layer
+from rdt_interp.analysis.layer_pick import LayerPick, grid_peaks, pick_layer
 from rdt_interp.analysis.permutation import permuted_labels, shuffled_mean_differences
 from rdt_interp.analysis.probes import (
     Labeled,
@@ -65,7 +65,7 @@ __all__ = [
     "LinearProbe", "PermutationCosine", "ProbeGrid", "ProjectionAUC", "ProjectionCohenD", "RefusalRate",
     "SpecificityResult", "Spectrum", "SubspaceComparison", "TransferResult", "action_metrics", "align_directions",
     "benjamini_hochberg", "bin_shift", "class_mean_difference", "compare_subspaces", "cosine_matrix",
-    "cosine_permutation_null", "cosine_similarity", "evaluate_selected", "fit_probe", "holm", "is_refusal",
+    "cosine_permutation_null", "cosine_similarity", "evaluate_selected", "fit_probe", "grid_peaks", "holm", "is_refusal",
     "label_shuffled_direction", "label_shuffled_directions", "permuted_labels", "pick_layer", "principal_angles",
     "probe_grid", "random_directions", "refusal_rate", "select_layer", "shuffled_mean_differences", "spectrum",
     "specificity_test", "top_subspace", "transfer_auc", "zero_motion_mass",

@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Float
 
 from rdt_interp.analysis._result import ResultMixin
+from rdt_interp.analysis.probes import ProbeGrid
 from rdt_interp.analysis.stats import Array, as_tensor, benjamini_hochberg, holm
 from rdt_interp.errors import ConfigError
 
@@ -124,6 +125,44 @@ def pick_layer(
                      significant=bool(p_adj <= level))
 
 
+# metric -> (its p-value field, how the peak is scored): proj_p is two-sided around AUC 0.5 / d 0,
+# probe_p one-sided (a probe is trained to score positives higher).
+_GRID_METRICS = {"proj_auc": "proj_p", "proj_d": "proj_p", "probe_auc": "probe_p"}
+
+
+def grid_peaks(grid: ProbeGrid, metric: str = "proj_auc", *, method: str = "holm",
+               level: float = 0.05) -> dict[str, LayerPick]:
+    """Per position (role) of a :class:`~rdt_interp.analysis.probes.ProbeGrid`: the peak layer of
+    ``metric`` with its p-value adjusted across the grid's layers (one family per role).
+
+    ``proj_auc`` peaks at the largest ``|AUC - 0.5|`` and ``proj_d`` at the largest ``|d|``
+    (their p-value ``proj_p`` is two-sided); ``probe_auc`` at the largest AUC (``probe_p``,
+    one-sided; NaN for K-fold probes without ``n_perm_refit``, so the adjusted p is then NaN).
+    The returned ``score`` is the distance / absolute value the peak was picked by.
+
+    Examples
+    --------
+    >>> from rdt_interp.analysis.probes import Labeled, probe_grid
+    >>> g = torch.Generator().manual_seed(0)
+    >>> y = torch.arange(40) < 20
+    >>> x = torch.randn(40, 3, 1, 8, generator=g)
+    >>> x[:, 2, 0, 0] += 2.0 * y.float()  # the classes differ at layer 2 only
+    >>> grid = probe_grid(Labeled(x, y, (0, 1, 2), ("last",), "test"), directions=torch.eye(8)[0],
+    ...                   probe=False, n_boot=10, n_perm=199)
+    >>> peak = grid_peaks(grid)["last"]
+    >>> peak.layer, peak.significant
+    (2, True)
+    """
+    if metric not in _GRID_METRICS:
+        raise ConfigError(f"unknown grid metric {metric!r}", fix=f"use one of: {', '.join(_GRID_METRICS)}")
+    p_name = _GRID_METRICS[metric]
+    values = np.asarray(getattr(grid, metric), dtype=np.float64)
+    scores = np.abs(values - 0.5) if metric == "proj_auc" else np.abs(values) if metric == "proj_d" else values
+    p = np.asarray(getattr(grid, p_name), dtype=np.float64)
+    return {pos: pick_layer(p[:, j], scores[:, j], layers=grid.layers, method=method, level=level)
+            for j, pos in enumerate(grid.positions)}
+
+
 def _vector(v: Any, what: str) -> torch.Tensor:  # the check itself: any shape in
     t = (torch.as_tensor(v, dtype=torch.float64) if isinstance(v, list | tuple)
          else as_tensor(v, dtype=torch.float64))
@@ -134,4 +173,4 @@ def _vector(v: Any, what: str) -> torch.Tensor:  # the check itself: any shape i
     return t
 
 
-__all__ = ["LayerPick", "pick_layer"]
+__all__ = ["LayerPick", "grid_peaks", "pick_layer"]

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from rdt_interp.analysis.layer_pick import LayerPick, _vector, pick_layer
+from rdt_interp.analysis.layer_pick import LayerPick, _vector, grid_peaks, pick_layer
+from rdt_interp.analysis.probes import Labeled, probe_grid
 from rdt_interp.analysis.stats import holm
 from rdt_interp.errors import ConfigError
 from rdt_interp.storage import to_json
@@ -74,3 +75,24 @@ def test_bad_grids_are_config_errors():
     with pytest.raises(ConfigError, match="holm"):
         pick_layer([0.1], method="bonferroni")
     np.testing.assert_allclose(pick_layer([0.1, 0.2]).p_adjusted_all, holm([0.1, 0.2]).numpy())
+
+
+def test_grid_peaks_pick_per_role_and_adjust_over_layers():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(60) < 30
+    x = torch.randn(60, 5, 2, 8, generator=g)
+    x[:, 3, 0, 0] -= 1.5 * y.float()  # role "a": the classes differ at layer 3, AUC below 0.5
+    grid = probe_grid(Labeled(x, y, (0, 4, 8, 12, 16), ("a", "b"), "test"), directions=torch.eye(8)[0],
+                      folds=3, n_boot=10, n_perm=199)
+    peaks = grid_peaks(grid)
+    assert set(peaks) == {"a", "b"}
+    a = peaks["a"]
+    assert a.layer == 12 and a.significant and a.score == pytest.approx(abs(grid.proj_auc[3, 0] - 0.5))
+    np.testing.assert_allclose(a.p_adjusted_all, holm(grid.proj_p[:, 0]).numpy())
+    assert a.p_adjusted == pytest.approx(min(1.0, 5 * grid.proj_p[3, 0]))
+    assert not peaks["b"].significant  # no signal in role b: its best layer is chance after Holm
+    assert grid_peaks(grid, "proj_d")["a"].layer == 12
+    probe = grid_peaks(grid, "probe_auc")["a"]  # K-fold probes without refits have no p-value
+    assert probe.layer == int(grid.layers[int(np.argmax(grid.probe_auc[:, 0]))]) and math.isnan(probe.p_adjusted)
+    with pytest.raises(ConfigError, match="proj_auc"):
+        grid_peaks(grid, "auc")
