@@ -30,8 +30,9 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from rdt_interp.analysis.layer_pick import pick_layer
+from rdt_interp.analysis.permutation import permutation_pvalue
 from rdt_interp.analysis.probes import LinearProbe
-from rdt_interp.analysis.stats import auc_groups, permutation_test, wilson_interval
+from rdt_interp.analysis.stats import auc_groups, permutation_null, wilson_interval
 from rdt_interp.errors import ConfigError, DModelMismatchError
 from rdt_interp.models.adapter import EncodedBatch, ModelAdapter
 from rdt_interp.models.vla import VLAAdapter
@@ -255,8 +256,9 @@ def fit_gate(
 
     per_layer = [layer_scores(xs[:, j]) for j in range(len(layers))]
     aucs = [float(auc_groups(s.double()[y], s.double()[~y])) for s in per_layer]
-    p_raw = [float(permutation_test(auc_groups, s.double()[:, None], y, n_perm=n_perm, seed=seed,
-                                    alternative="greater")[1][0]) for s in per_layer]
+    p_raw = [float(permutation_pvalue(torch.tensor([a], dtype=torch.float64),
+                                      permutation_null(auc_groups, s.double()[:, None], y, n_perm=n_perm, seed=seed))[0])
+             for a, s in zip(aucs, per_layer, strict=True)]
     # Highest AUC, the first layer on ties; its p-value Holm-adjusted across the layers offered.
     pick = pick_layer(p_raw, aucs, layers=layers, method="holm")
     best = pick.index
