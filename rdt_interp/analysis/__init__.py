@@ -3,12 +3,16 @@
 Every estimate comes with an interval (percentile bootstrap) and, where there is a null, a
 p-value (label permutation, random directions or random subspaces). Results are frozen
 dataclasses with ``to_dict``/``from_dict`` and ``save``/``load`` (JSON, written atomically).
+A layer picked from a grid reports its p-value adjusted across the grid (:func:`pick_layer`,
+:func:`holm`, :func:`benjamini_hochberg`).
 """
 
 from rdt_interp.analysis.alignment import (
     AlignmentResult,
+    PermutationCosine,
     align_directions,
     cosine_matrix,
+    cosine_permutation_null,
     cosine_similarity,
 )
 from rdt_interp.analysis.behaviour import (
@@ -22,6 +26,8 @@ from rdt_interp.analysis.behaviour import (
     refusal_rate,
     zero_motion_mass,
 )
+from rdt_interp.analysis.layer_pick import LayerPick, grid_peaks, pick_layer
+from rdt_interp.analysis.permutation import permuted_labels, shuffled_mean_differences
 from rdt_interp.analysis.probes import (
     Labeled,
     LayerSelection,
@@ -40,9 +46,11 @@ from rdt_interp.analysis.specificity import (
     ProjectionCohenD,
     SpecificityResult,
     label_shuffled_direction,
+    label_shuffled_directions,
     random_directions,
     specificity_test,
 )
+from rdt_interp.analysis.stats import benjamini_hochberg, holm
 from rdt_interp.analysis.subspace import (
     Spectrum,
     SubspaceComparison,
@@ -53,11 +61,12 @@ from rdt_interp.analysis.subspace import (
 )
 
 __all__ = [
-    "REFUSAL_PHRASES", "ActionMetrics", "AlignmentResult", "BinShift", "Labeled", "LayerSelection",
-    "LinearProbe", "ProbeGrid", "ProjectionAUC", "ProjectionCohenD", "RefusalRate", "SpecificityResult",
-    "Spectrum", "SubspaceComparison", "TransferResult", "action_metrics", "align_directions",
-    "bin_shift", "class_mean_difference", "compare_subspaces", "cosine_matrix", "cosine_similarity",
-    "evaluate_selected", "fit_probe", "is_refusal", "label_shuffled_direction", "principal_angles",
-    "probe_grid", "random_directions", "refusal_rate", "select_layer", "spectrum", "specificity_test",
-    "top_subspace", "transfer_auc", "zero_motion_mass",
+    "REFUSAL_PHRASES", "ActionMetrics", "AlignmentResult", "BinShift", "LayerPick", "Labeled", "LayerSelection",
+    "LinearProbe", "PermutationCosine", "ProbeGrid", "ProjectionAUC", "ProjectionCohenD", "RefusalRate",
+    "SpecificityResult", "Spectrum", "SubspaceComparison", "TransferResult", "action_metrics", "align_directions",
+    "benjamini_hochberg", "bin_shift", "class_mean_difference", "compare_subspaces", "cosine_matrix",
+    "cosine_permutation_null", "cosine_similarity", "evaluate_selected", "fit_probe", "grid_peaks", "holm", "is_refusal",
+    "label_shuffled_direction", "label_shuffled_directions", "permuted_labels", "pick_layer", "principal_angles",
+    "probe_grid", "random_directions", "refusal_rate", "select_layer", "shuffled_mean_differences", "spectrum",
+    "specificity_test", "top_subspace", "transfer_auc", "zero_motion_mass",
 ]

@@ -333,16 +333,99 @@ def zscore(obs: Float[Array, "*k"], null: Float[Array, "N *k"]) -> Float[Tensor,
     return (as_tensor(obs, dtype=torch.float64) - z.mean(dim=0)) / z.std(dim=0)
 
 
-def holm(p: Float[Array, "*k"]) -> Float[Tensor, "*k"]:
-    """Holm-Bonferroni adjusted p-values (family = all entries), for grids of tests."""
-    t = as_tensor(p, dtype=torch.float64)
+def _p_values(p: Float[Array, "*k"] | Sequence[float]) -> Tensor:
+    t = torch.as_tensor(p, dtype=torch.float64) if isinstance(p, list | tuple) else as_tensor(p, dtype=torch.float64)
+    bad = torch.isfinite(t) & ((t < 0.0) | (t > 1.0))
+    if bool(bad.any()) or bool(torch.isinf(t).any()):
+        raise ConfigError(f"p-values must lie in [0, 1], got {t[bad | torch.isinf(t)][:4].tolist()}",
+                          fix="pass p-values, not scores or log p-values")
+    return t
+
+
+def holm(p: Float[Array, "*k"] | Sequence[float]) -> Float[Tensor, "*k"]:
+    """Holm-Bonferroni step-down adjusted p-values; the family is every entry of ``p``.
+
+    The ``i``-th smallest of ``m`` p-values becomes ``max_{j <= i} (m - j + 1) p_(j)``, capped at 1.
+    Rejecting where the adjusted value is ``<= alpha`` controls the family-wise error rate at
+    ``alpha`` under any dependence between the tests (e.g. neighbouring layers of one model).
+    NaN entries (no test, e.g. a zero-norm direction) stay NaN and are not counted in ``m``
+    (as R's ``p.adjust``).
+
+    Parameters
+    ----------
+    p : array or sequence of float, any shape
+        Raw p-values in ``[0, 1]`` (NaN allowed), e.g. one per layer of a grid.
+
+    Returns
+    -------
+    Tensor of float64, the shape of ``p``
+        Adjusted p-values, never below the raw ones.
+
+    Raises
+    ------
+    ConfigError
+        If a p-value lies outside ``[0, 1]``.
+
+    Examples
+    --------
+    >>> holm([0.01, 0.04, 0.03, 0.5]).tolist()
+    [0.04, 0.09, 0.09, 0.5]
+    """
+    t = _p_values(p)
     flat = t.reshape(-1)
-    m = flat.numel()
-    order = flat.argsort()
-    scaled = (m - torch.arange(m, dtype=torch.float64)) * flat[order]
+    ok = ~torch.isnan(flat)
+    q = flat[ok]
+    m = q.numel()
+    order = q.argsort(stable=True)
+    scaled = (m - torch.arange(m, dtype=torch.float64)) * q[order]
     adj_sorted = torch.cummax(scaled, dim=0).values.clamp(max=1.0)
-    out = torch.empty_like(flat)
-    out[order] = adj_sorted
+    adj = torch.empty_like(q)
+    adj[order] = adj_sorted
+    out = torch.full_like(flat, float("nan"))
+    out[ok] = adj
+    return out.reshape(t.shape)
+
+
+def benjamini_hochberg(p: Float[Array, "*k"] | Sequence[float]) -> Float[Tensor, "*k"]:
+    """Benjamini-Hochberg step-up adjusted p-values (q-values); the family is every entry of ``p``.
+
+    The ``i``-th smallest of ``m`` p-values becomes ``min_{j >= i} m p_(j) / j``, capped at 1.
+    Rejecting where the adjusted value is ``<= q`` controls the false discovery rate at ``q`` for
+    independent or positively dependent tests; it is less strict than :func:`holm`, which controls
+    the chance of any false positive. NaN entries stay NaN and are not counted in ``m``.
+
+    Parameters
+    ----------
+    p : array or sequence of float, any shape
+        Raw p-values in ``[0, 1]`` (NaN allowed).
+
+    Returns
+    -------
+    Tensor of float64, the shape of ``p``
+        Adjusted p-values, never below the raw ones and never above Holm's.
+
+    Raises
+    ------
+    ConfigError
+        If a p-value lies outside ``[0, 1]``.
+
+    Examples
+    --------
+    >>> [round(v, 4) for v in benjamini_hochberg([0.01, 0.04, 0.03, 0.5]).tolist()]
+    [0.04, 0.0533, 0.0533, 0.5]
+    """
+    t = _p_values(p)
+    flat = t.reshape(-1)
+    ok = ~torch.isnan(flat)
+    q = flat[ok]
+    m = q.numel()
+    order = q.argsort(stable=True)
+    scaled = q[order] * m / torch.arange(1, m + 1, dtype=torch.float64)
+    adj_sorted = torch.flip(torch.cummin(torch.flip(scaled, (0,)), dim=0).values, (0,)).clamp(max=1.0)
+    adj = torch.empty_like(q)
+    adj[order] = adj_sorted
+    out = torch.full_like(flat, float("nan"))
+    out[ok] = adj
     return out.reshape(t.shape)
 
 

@@ -29,8 +29,10 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from rdt_interp.analysis.layer_pick import pick_layer
+from rdt_interp.analysis.permutation import permutation_pvalue
 from rdt_interp.analysis.probes import LinearProbe
-from rdt_interp.analysis.stats import auc_groups, wilson_interval
+from rdt_interp.analysis.stats import auc_groups, permutation_null, wilson_interval
 from rdt_interp.errors import ConfigError, DModelMismatchError
 from rdt_interp.models.adapter import EncodedBatch, ModelAdapter
 from rdt_interp.models.vla import VLAAdapter
@@ -199,6 +201,7 @@ def fit_gate(
     batch_size: int = 16,
     backend: Backend = "hooks",
     seed: int = 0,
+    n_perm: int = 1000,
 ) -> HarmGate:
     """A gate for ``adapter`` fitted on labelled ``requests`` (the ``val`` split).
 
@@ -209,8 +212,15 @@ def fit_gate(
     ``requests`` set the threshold. Several ``layer`` candidates: the one whose (out-of-fold, or
     given-probe) scores have the highest AUC on ``requests`` is used (one capture serves all).
     ``meta`` records the probe source, the per-layer AUCs, the target FPR and the FPR / TPR /
-    AUC reached on ``requests``.
+    AUC reached on ``requests``, and the evidence that the chosen layer separates the classes at
+    all: per layer, the label-permutation p-value of its AUC (``layer_p``, ``n_perm`` shuffles
+    of the labels over the same scores, one-sided) and the Holm adjustment across the layers
+    offered (``layer_p_holm``); ``p_holm`` is the chosen layer's and ``significant`` is
+    ``p_holm <= 0.05``. For a given probe the permutation p-value is exact; for the out-of-fold
+    probe it permutes the scores without refitting (approximate).
     """
+    if n_perm < 1:
+        raise ConfigError(f"n_perm must be >= 1, got {n_perm}", fix="use n_perm=1000")
     if harmful is None:
         labels = [getattr(r, "label", None) for r in requests]
         if any(lab not in ("harmful", "benign") for lab in labels):
@@ -246,7 +256,12 @@ def fit_gate(
 
     per_layer = [layer_scores(xs[:, j]) for j in range(len(layers))]
     aucs = [float(auc_groups(s.double()[y], s.double()[~y])) for s in per_layer]
-    best = max(range(len(layers)), key=lambda j: (aucs[j], -j))
+    p_raw = [float(permutation_pvalue(torch.tensor([a], dtype=torch.float64),
+                                      permutation_null(auc_groups, s.double()[:, None], y, n_perm=n_perm, seed=seed))[0])
+             for a, s in zip(aucs, per_layer, strict=True)]
+    # Highest AUC, the first layer on ties; its p-value Holm-adjusted across the layers offered.
+    pick = pick_layer(p_raw, aucs, layers=layers, method="holm")
+    best = pick.index
     chosen, scores = layers[best], per_layer[best]
     if probe is None:
         probe = LinearProbe.fit(xs[:, best], y, C=C, layer=chosen, position=role,
@@ -259,7 +274,11 @@ def fit_gate(
     rates = gate_rates(scores, y, threshold, n_boot=200, seed=seed)
     meta = {**source, "target_fpr": float(target_fpr), "fit_fpr": rates.fpr, "fit_tpr": rates.tpr,
             "fit_auc": rates.auc, "n_harmful": rates.n_harmful, "n_benign": rates.n_benign,
-            "layer_auc": {str(a): round(b, 6) for a, b in zip(layers, aucs, strict=True)}}
+            "layer_auc": {str(a): round(b, 6) for a, b in zip(layers, aucs, strict=True)},
+            "layer_p": {str(a): b for a, b in zip(layers, p_raw, strict=True)},
+            "layer_p_holm": {str(a): float(b) for a, b in zip(layers, pick.p_adjusted_all, strict=True)},
+            "p_holm": pick.p_adjusted, "significant": pick.significant, "n_perm": int(n_perm),
+            "p_method": "label permutation of the AUC, Holm across the layers offered"}
     return HarmGate(probe, chosen, threshold, role, "resid_pre", meta)
 
 

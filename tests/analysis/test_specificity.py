@@ -2,12 +2,15 @@ import numpy as np
 import pytest
 import torch
 
+from rdt_interp.analysis.permutation import permuted_labels
 from rdt_interp.analysis.probes import class_mean_difference
 from rdt_interp.analysis.specificity import (
     ProjectionAUC,
     ProjectionCohenD,
     SpecificityResult,
+    _norm_matched,
     label_shuffled_direction,
+    label_shuffled_directions,
     random_directions,
     specificity_test,
 )
@@ -103,3 +106,89 @@ def test_label_shuffled_direction_is_a_permuted_class_mean_difference():
     assert c.shape == (D,)
     assert not torch.allclose(c, class_mean_difference(x, y))
     torch.testing.assert_close(c, label_shuffled_direction(x, y, seed=0))
+
+
+# -- the shuffled-label null -----------------------------------------------------------------------
+def test_label_shuffled_directions_are_permuted_class_mean_differences():
+    x, y, _ = planted(n=40)
+    dirs = label_shuffled_directions(x, y, 30, seed=5)
+    assert dirs.shape == (30, D)
+    for k, lab in enumerate(permuted_labels(y, 30, seed=5)):
+        torch.testing.assert_close(dirs[k], class_mean_difference(x, lab), atol=1e-5, rtol=1e-5)
+    scaled = label_shuffled_directions(x, y, 30, seed=5, norm=2.5)
+    torch.testing.assert_close(scaled.norm(dim=1), torch.full((30,), 2.5))
+    torch.testing.assert_close(scaled / 2.5, dirs / dirs.norm(dim=1, keepdim=True))
+    assert torch.equal(dirs, label_shuffled_directions(x, y, 30, seed=5))
+    assert not torch.equal(dirs, label_shuffled_directions(x, y, 30, seed=6))
+
+
+def test_shuffled_null_is_added_beside_the_random_one_without_changing_it(tmp_path):
+    x, y, r = planted()
+    real = class_mean_difference(x, y)
+    eff = ProjectionAUC(x, y)
+    base = specificity_test(eff, real, n_random=200, n_boot=100, controls={"-r": -real}, seed=2)
+    shuf = label_shuffled_directions(x, y, 60, seed=9)
+    both = specificity_test(eff, real, n_random=200, n_boot=100, controls={"-r": -real}, seed=2, shuffled=shuf,
+                            batch_size=25)
+    for name in ("real", "real_lo", "real_hi", "p", "z", "z_lo", "z_hi"):
+        assert getattr(both, name) == getattr(base, name)
+    np.testing.assert_array_equal(both.null, base.null)
+    assert {k: v for k, v in both.controls["-r"].items() if k != "p_shuffled"} == base.controls["-r"]
+    # the second null: effects of the shuffled directions rescaled to the real norm (AUC is norm-free)
+    assert both.n_shuffled == 60 and both.shuffled_null.shape == (60,)
+    np.testing.assert_allclose(both.shuffled_null, eff(shuf).numpy(), atol=1e-12)
+    assert both.shuffled_p == pytest.approx(1 / 61) and both.shuffled_z > 3
+    assert both.controls["-r"]["p_shuffled"] == pytest.approx(1.0)
+    # JSON: the old file is unchanged without the second null; with it, it round-trips
+    assert not {"shuffled_null", "shuffled_p", "shuffled_z", "n_shuffled"} & set(base.to_dict())
+    both.save(tmp_path / "s.json")
+    back = SpecificityResult.load(tmp_path / "s.json")
+    assert to_json(back.to_dict()) == to_json(both.to_dict())
+    old = SpecificityResult.from_dict(base.to_dict())
+    assert old.shuffled_null is None and np.isnan(old.shuffled_p) and old.n_shuffled == 0
+
+
+def test_shuffled_null_p_is_uniform_when_the_direction_carries_nothing():
+    # The direction is the class-mean difference of a split whose labels carry nothing; its effect
+    # is measured on an independent split. It is then exchangeable with the shuffled-label
+    # directions of its split, so the p-value against them is uniform (P(p <= 0.1) = 0.1 exactly;
+    # Cohen's d, as AUC's ties with 60 samples would make it conservative).
+    ps = []
+    for seed in range(200):
+        g = torch.Generator().manual_seed(seed)
+        scale = torch.linspace(0.2, 3.0, 12)  # anisotropic, as residual streams are
+        x_fit, x_eval = torch.randn(30, 12, generator=g) * scale, torch.randn(60, 12, generator=g) * scale
+        y_fit, y_eval = torch.arange(30) < 15, torch.arange(60) < 30
+        res = specificity_test(ProjectionCohenD(x_eval, y_eval), class_mean_difference(x_fit, y_fit), n_random=100,
+                               n_boot=0, seed=seed, shuffled=label_shuffled_directions(x_fit, y_fit, 99, seed=seed))
+        ps.append(res.shuffled_p)
+    ps = np.array(ps)
+    assert np.mean(ps <= 0.1) == pytest.approx(0.1, abs=0.06)  # sd 0.021 over 200 runs
+    assert np.mean(ps <= 0.5) == pytest.approx(0.5, abs=0.1)
+    assert np.mean(ps) == pytest.approx(0.5, abs=0.06)
+
+
+def test_shuffled_null_rejects_bad_input():
+    x, y, r = planted(n=40)
+    eff = ProjectionAUC(x, y)
+    with pytest.raises(ConfigError, match="too few") as err:
+        specificity_test(eff, r, n_random=100, shuffled=label_shuffled_directions(x, y, 5))
+    assert "fix:" in str(err.value)
+    with pytest.raises(ConfigError, match="n_shuffled, d"):  # (the tests' jaxtyping hook rejects it at the call)
+        _norm_matched(label_shuffled_direction(x, y), D, 1.0)
+    with pytest.raises(DModelMismatchError):
+        specificity_test(eff, r, n_random=100, shuffled=torch.randn(30, D + 1))
+    bad = torch.randn(30, D)
+    bad[2, 3] = float("nan")
+    with pytest.raises(ConfigError, match="NaN"):
+        specificity_test(eff, r, n_random=100, shuffled=bad)
+    with pytest.raises(ConfigError, match="zero norm"):
+        specificity_test(eff, r, n_random=100, shuffled=torch.zeros(30, D))
+    with pytest.raises(ConfigError, match="per class"):
+        label_shuffled_directions(x, torch.tensor([1] + [0] * 39), 10)
+    with pytest.raises(ConfigError, match="n_permutations"):
+        label_shuffled_directions(x, y, 0)
+    xn = x.clone()
+    xn[0, 0] = float("inf")
+    with pytest.raises(ConfigError, match="NaN or inf"):
+        label_shuffled_directions(xn, y, 10)

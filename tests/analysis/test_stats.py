@@ -10,6 +10,7 @@ from rdt_interp.analysis.stats import (
     as_labels,
     auc,
     auc_groups,
+    benjamini_hochberg,
     bootstrap_ci,
     bootstrap_distribution,
     cohens_d,
@@ -170,3 +171,71 @@ def test_wilson_interval_rejects_impossible_counts(k, n):
         wilson_interval(torch.tensor([0.0, 0.5]), 2)
     with pytest.raises(ConfigError, match="outcomes for n"):
         wilson_interval(torch.tensor([0.0, 1.0]), 3)
+
+
+# -- multiple comparisons --------------------------------------------------------------------------
+def _holm_step_down(p: list[float], alpha: float) -> set[int]:
+    """Holm's procedure as written: test the sorted p-values against alpha / (m - i); stop at
+    the first that fails."""
+    m = len(p)
+    rejected: set[int] = set()
+    for i, j in enumerate(sorted(range(m), key=lambda k: (p[k], k))):
+        if p[j] > alpha / (m - i):
+            break
+        rejected.add(j)
+    return rejected
+
+
+def _bh_step_up(p: list[float], q: float) -> set[int]:
+    """Benjamini-Hochberg as written: the largest k with p_(k) <= k q / m; reject the k smallest."""
+    m = len(p)
+    order = sorted(range(m), key=lambda k: (p[k], k))
+    k_max = max((i + 1 for i, j in enumerate(order) if p[j] <= (i + 1) * q / m), default=0)
+    return set(order[:k_max])
+
+
+def test_holm_and_bh_by_hand():
+    p = [0.01, 0.04, 0.03, 0.5]
+    # Holm: sorted .01 .03 .04 .5 times 4 3 2 1 = .04 .09 .08 .5, running max .04 .09 .09 .5
+    np.testing.assert_allclose(holm(p).numpy(), [0.04, 0.09, 0.09, 0.5])
+    # BH: sorted times 4/1 4/2 4/3 4/4 = .04 .06 .0533 .5, running min from the top: .04 .0533 .0533 .5
+    np.testing.assert_allclose(benjamini_hochberg(p).numpy(), [0.04, 0.16 / 3, 0.16 / 3, 0.5])
+    # capped at 1, shape kept, numpy in
+    out = holm(np.array([[0.3, 0.6], [0.9, 0.2]]))
+    assert out.shape == (2, 2) and float(out.max()) == 1.0
+    np.testing.assert_allclose(out.numpy(), [[0.9, 1.0], [1.0, 0.8]])
+
+
+def test_holm_and_bh_agree_with_the_procedures_they_adjust():
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        m = int(rng.integers(1, 25))
+        p = rng.uniform(0, 1, m) ** rng.uniform(1, 6)  # many small ones
+        if trial % 5 == 0:
+            p[: m // 2] = p[0]  # ties
+        h, b = holm(torch.tensor(p)).numpy(), benjamini_hochberg(torch.tensor(p)).numpy()
+        assert np.all(h >= p - 1e-15) and np.all(b >= p - 1e-15) and np.all(b <= h + 1e-15)
+        for alpha in (0.001, 0.01, 0.05, 0.1, 0.2, 0.5):
+            assert set(np.flatnonzero(h <= alpha)) == _holm_step_down(p.tolist(), alpha)
+            assert set(np.flatnonzero(b <= alpha)) == _bh_step_up(p.tolist(), alpha)
+
+
+def test_holm_and_bh_against_statsmodels():
+    multitest = pytest.importorskip("statsmodels.stats.multitest")
+    p = np.random.default_rng(1).uniform(0, 0.2, 30)
+    np.testing.assert_allclose(holm(p).numpy(), multitest.multipletests(p, method="holm")[1])
+    np.testing.assert_allclose(benjamini_hochberg(p).numpy(), multitest.multipletests(p, method="fdr_bh")[1])
+
+
+def test_holm_leaves_missing_tests_out_of_the_family():
+    p = torch.tensor([0.01, float("nan"), 0.04, 0.03, 0.5])
+    out = holm(p)
+    assert math.isnan(float(out[1]))
+    np.testing.assert_allclose(out[[0, 2, 3, 4]].numpy(), [0.04, 0.09, 0.09, 0.5])  # m = 4, not 5
+    assert math.isnan(float(benjamini_hochberg(p)[1]))
+    assert holm(torch.tensor([])).numel() == 0
+    for bad in ([0.1, 1.5], [-0.01], [float("inf")]):
+        with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+            holm(bad)
+        with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+            benjamini_hochberg(bad)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rdt_interp.analysis.probes import LinearProbe
+from rdt_interp.analysis.stats import holm
 from rdt_interp.defenses.gate import (
     GateRates,
     HarmGate,
@@ -150,6 +151,18 @@ def test_fit_gate_on_val_pairs(vla):
     aucs = several.meta["layer_auc"]
     assert set(aucs) == {"0", "1", "2"} and several.layer == several.probe.layer
     assert aucs[str(several.layer)] == max(aucs.values()) == pytest.approx(several.meta["fit_auc"])
+    # The chosen layer's p-value is Holm-adjusted across the three layers offered.
+    raw, adj = several.meta["layer_p"], several.meta["layer_p_holm"]
+    assert set(raw) == set(adj) == {"0", "1", "2"} and several.meta["n_perm"] == 1000
+    assert all(1 / 1001 - 1e-9 <= v <= 1.0 for v in raw.values())
+    assert list(adj.values()) == pytest.approx(holm(list(raw.values())).tolist())
+    assert several.meta["p_holm"] == adj[str(several.layer)] >= raw[str(several.layer)]
+    assert several.meta["significant"] == (several.meta["p_holm"] <= 0.05)
+    # One layer: nothing to adjust for.
+    assert gate.meta["p_holm"] == gate.meta["layer_p"]["1"]
+    assert given.meta["p_holm"] == given.meta["layer_p"]["1"]
+    with pytest.raises(ConfigError, match="n_perm"):
+        fit_gate(vla, val, layer=1, n_perm=0)
     alone = fit_gate(vla, val, layer=several.layer, target_fpr=0.2, folds=3)
     assert alone.threshold == pytest.approx(several.threshold, abs=1e-4)
     assert torch.allclose(alone.probe.weight, several.probe.weight, atol=1e-4)
