@@ -1,7 +1,9 @@
 """Train the testbed VLA by behaviour cloning on benign expert demonstrations (as OpenVLA was).
 
-    python -m rdt_interp.testbed.train --out runs/testbed        # resumes if DIR has a checkpoint
-    python -m rdt_interp.testbed.train --out runs/testbed --export rdt_interp/data/testbed
+    rdt-interp testbed train --out runs/testbed        # resumes if DIR has a checkpoint
+    rdt-interp testbed train --out runs/testbed --export rdt_interp/data/testbed
+
+(``python -m rdt_interp.cli testbed train ...`` where the console script is not installed.)
 
 Two stages, both deterministic given the seed:
 
@@ -24,16 +26,16 @@ expected predictions the ``real_model`` test checks.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
+import logging
 import math
 import os
 import platform
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +44,10 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Float32, Int, UInt8
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from rdt_interp.errors import ConfigError
-from rdt_interp.storage import atomic_path, atomic_write_json, read_json, sha256_file
+from rdt_interp.storage import atomic_path, atomic_write_json, read_json, sha256_file, to_json_line
 from rdt_interp.testbed.adapter import (
     BASE_MODEL,
     DELTA_FILE,
@@ -54,6 +57,10 @@ from rdt_interp.testbed.adapter import (
     TestbedVLAAdapter,
     tiny_language_model,
     tiny_tokenizer,
+)
+from rdt_interp.testbed.config import TrainConfig
+from rdt_interp.testbed.config import (
+    tiny_config as tiny_config,  # re-exported: it used to live here
 )
 from rdt_interp.testbed.dataset import (
     DEFAULT_NOISE,
@@ -65,9 +72,7 @@ from rdt_interp.testbed.dataset import (
 )
 from rdt_interp.testbed.expert import EXPERT
 from rdt_interp.testbed.model import (
-    LoRASpec,
     TestbedVLA,
-    TestbedVLAConfig,
     VisionSpec,
     images_to_pixels,
 )
@@ -79,102 +84,7 @@ CURVE_FILE = "loss_curve.png"
 EXPECTED_FILE = "expected_actions.json"
 ARTIFACTS = (DELTA_FILE, MANIFEST_FILE, LOG_FILE, CURVE_FILE, EXPECTED_FILE)
 
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that determines the trained delta (with the base model's weights).
-
-    The defaults are the recipe of the committed delta (trained on one H200, ``device="cuda"``,
-    ``precision="bfloat16"``); :func:`tiny_config` is the same pipeline at test size.
-    """
-
-    seed: int = 0
-    base: str = BASE_MODEL  # or "tiny-qwen2" (tests)
-    model: TestbedVLAConfig = field(default_factory=lambda: TestbedVLAConfig(
-        VisionSpec(image_size=128, patch_size=16, hidden_size=192, depth=6, num_heads=3, mlp_dim=768),
-        LoRASpec(rank=8, alpha=16.0)))
-    # where and how: "cuda" trains in minutes, "cpu" in hours; bfloat16 is autocast over fp32
-    # master weights (the frozen base stays fp32 so the delta adds onto the weights users load)
-    device: str = "cpu"
-    precision: str = "float32"
-    workers: int = 1  # processes that generate demonstrations (deterministic for any number)
-    # stage 1: vision pretraining on state regression
-    vision_samples: int = 60_000
-    vision_val_samples: int = 2_000
-    vision_epochs: float = 6.0
-    vision_batch: int = 256
-    vision_lr: float = 1e-3
-    vision_ckpt_every: int = 200
-    # stage 2: behaviour cloning through the LLM, on fresh demonstrations
-    train_samples: int = 150_000
-    steps: int = 2_400
-    batch_size: int = 64
-    lr_vision: float = 5e-5  # the pretrained ViT moves slowly
-    lr_projector: float = 1e-3
-    lr_lora: float = 5e-4
-    lr_rows: float = 1e-3
-    weight_decay: float = 0.01
-    warmup: int = 50
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    # parallel scheduled sampling: each earlier action token is replaced by the model's own
-    # teacher-forced prediction with this probability (ramped up over the first half), so the
-    # later dimensions cannot lean on ground-truth earlier ones (greedy decoding never has them)
-    scheduled_sampling: float = 0.25
-    val_every: int = 300
-    val_size: int = 2_048  # greedy validation samples (held-out val-split episodes)
-    val_swap: int = 512  # of them, re-predicted with swapped images (does the policy look?)
-    ckpt_every: int = 100
-    threads: int = 1  # one thread per process is much faster than two on a shared 2-core box
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision {self.precision!r} is not one of {list(PRECISIONS)}")
-        if not 0.0 <= self.scheduled_sampling < 1.0:
-            raise ConfigError(f"scheduled_sampling must be in [0, 1), got {self.scheduled_sampling}")
-        if self.val_swap > self.val_size:
-            raise ConfigError(f"val_swap ({self.val_swap}) exceeds val_size ({self.val_size})")
-        if min(self.train_samples, self.steps, self.batch_size, self.val_size, self.workers) < 1:
-            raise ConfigError("train_samples, steps, batch_size, val_size and workers must be >= 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["model"] = self.model.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        d = coerce_fields(dict(d))
-        d["model"] = TestbedVLAConfig.from_dict(d["model"])
-        return cls(**d)
-
-    @property
-    def vision_steps(self) -> int:
-        return math.ceil(self.vision_epochs * self.vision_samples / self.vision_batch)
-
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return PRECISIONS[self.precision]
-
-
-PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
-
-
-def coerce_fields(d: dict[str, Any]) -> dict[str, Any]:
-    """Integers given for float fields (JSON, ``--set vision_epochs=2``) become floats."""
-    floats = {f.name for f in fields(TrainConfig) if f.type in ("float", float)}
-    return {k: float(v) if k in floats and isinstance(v, int) else v for k, v in d.items()}
-
-
-def tiny_config(seed: int = 0, **kw: Any) -> TrainConfig:
-    """A configuration that trains a tiny random backbone in seconds (tests of the pipeline)."""
-    base = dict(seed=seed, base=TINY_BASE,
-                model=TestbedVLAConfig(VisionSpec(64, 16, 32, 1, 2, 64), LoRASpec(rank=4, alpha=8.0)),
-                vision_samples=256, vision_val_samples=64, vision_epochs=2, vision_batch=64, vision_ckpt_every=3,
-                train_samples=48, steps=12, batch_size=4, warmup=2, val_every=6, val_size=8, val_swap=4,
-                ckpt_every=4, lr_lora=3e-3, lr_rows=3e-3)
-    base.update(kw)
-    return TrainConfig(**coerce_fields(base))
+logger = logging.getLogger(__name__)
 
 
 # -- dense state targets (vision pretraining) -------------------------------------------------------
@@ -461,11 +371,16 @@ class RunLog:
     def keep(self, pred: Callable[[dict[str, Any]], bool]) -> None:
         kept = [r for r in self.records() if pred(r)]
         with atomic_path(self.path) as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp.write_text("".join(to_json_line(r) + "\n" for r in kept))
 
     def write(self, **record: Any) -> None:
+        """Append one record; a NaN or infinite value is written as null, named under ``nonfinite``
+        (a diverged loss stays visible, and the file stays standard JSON)."""
+        bad = {k: repr(v) for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
+        if bad:
+            record = {**record, "nonfinite": bad}
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(to_json_line(record) + "\n")
             fh.flush()
 
 
@@ -537,7 +452,6 @@ def train(
     cfg = cfg or TrainConfig()
     atomic_write_json(cfg_path, cfg.to_dict())
     torch.set_num_threads(cfg.threads)
-    say = print if progress else (lambda *a, **k: None)
     log = RunLog(out / LOG_FILE)
     data_dir = out / "data"
     data_dir.mkdir(exist_ok=True)
@@ -549,24 +463,24 @@ def train(
     val = _cached_demos(data_dir / "val.npz", lambda: generate_demos(
         "val", min_samples=cfg.val_size, image_size=size, workers=cfg.workers))
     norm = demos.norm_stats()
-    say(f"[train] {len(demos)} train samples ({len(demos.episodes)} episodes), {len(val)} val samples "
-        f"({len(val.episodes)} episodes) in {time.perf_counter() - t0:.1f} s", flush=True)
+    logger.info("[train] %d train samples (%d episodes), %d val samples (%d episodes) in %.1f s", len(demos),
+                len(demos.episodes), len(val), len(val.episodes), time.perf_counter() - t0)
     # vision data is generated before the model exists: forked workers must not inherit CUDA
     vision_path = out / "vision_pretrained.pt"
-    states = None if vision_path.is_file() else _vision_sets(cfg, data_dir, say)
+    states = None if vision_path.is_file() else _vision_sets(cfg, data_dir)
     model, tok, base = build_model(cfg)
     model.to(cfg.device)
     adapter = TestbedVLAAdapter(model, tok, norm, name="testbed-vla (training)")
     atok = adapter.action_tokenizer
-    say(f"[train] model ready in {time.perf_counter() - t0:.1f} s on {cfg.device} ({cfg.precision}), "
-        f"base {base['name']}", flush=True)
+    logger.info("[train] model ready in %.1f s on %s (%s), base %s", time.perf_counter() - t0, cfg.device,
+                cfg.precision, base["name"])
 
     # -- stage 1 ----------------------------------------------------------------------------------
     if vision_path.is_file():
         pre = torch.load(vision_path, weights_only=True, map_location="cpu")
     else:
         assert states is not None
-        pre = pretrain_vision(model, cfg, out, states, log, say,
+        pre = pretrain_vision(model, cfg, out, states, log, progress=progress,
                               stop_at=stop_at[1] if stop_at and stop_at[0] == "vision" else None)
         if pre is None:
             return out
@@ -593,7 +507,7 @@ def train(
         model.load_delta_(ck["delta"], where=str(ckpt_path))
         opt.load_state_dict(ck["optimizer"])
         start = int(ck["step"])
-        say(f"[train] resuming behaviour cloning at step {start}", flush=True)
+        logger.info("[train] resuming behaviour cloning at step %d", start)
     log.keep(lambda r: r["stage"] not in ("bc", "val") or r["step"] < start)
     data = BCData(demos, adapter)
     val_data = BCData(val, adapter)
@@ -601,41 +515,47 @@ def train(
     autocast = _autocast(cfg)
     model.train()
     step = start
-    for step in range(start, cfg.steps):
-        if stop_at is not None and stop_at[0] == "bc" and step >= stop_at[1]:
-            return out
-        ts = time.perf_counter()
-        mult = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * mult
-        b = data.batch(indices_for(step, cfg.batch_size, len(data), cfg.seed), cfg.device)
-        p_sample = sample_prob_at(step, cfg)
-        with autocast():
-            loss, metrics = bc_forward(model, b, atok, sample_prob=p_sample,
-                                       generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
-        opt.step()
-        log.write(stage="bc", step=step, lr_mult=mult, sample_prob=p_sample, grad_norm=gnorm,
-                  sec=time.perf_counter() - ts, **metrics)
-        done = step + 1
-        if done % 20 == 0 or done == cfg.steps or not cfg.device.startswith("cuda"):
-            say(f"[bc {done}/{cfg.steps}] loss {metrics['loss']:.3f} acc {metrics['acc']:.3f} "
-                f"within5 {metrics['within5']:.3f} ({time.perf_counter() - ts:.2f} s)", flush=True)
-        if done % cfg.val_every == 0 or done == cfg.steps:
-            tv = time.perf_counter()
+    with _bar(cfg.steps, start, "behaviour cloning", progress) as bar:
+        for step in range(start, cfg.steps):
+            if stop_at is not None and stop_at[0] == "bc" and step >= stop_at[1]:
+                return out
+            ts = time.perf_counter()
+            mult = lr_at(step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * mult
+            b = data.batch(indices_for(step, cfg.batch_size, len(data), cfg.seed), cfg.device)
+            p_sample = sample_prob_at(step, cfg)
             with autocast():
-                vm = greedy_validation(adapter, val_data, val_idx, cfg)
-            log.write(stage="val", step=step, sec=time.perf_counter() - tv, **vm)
-            say(f"[val {done}] greedy exact {vm['exact_all_dims']:.3f} within1 {vm['within_1_all_dims']:.3f} "
-                f"swap changes {vm['swap_tokens_changed']:.3f} ({time.perf_counter() - tv:.1f} s)", flush=True)
-            model.train()
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            _save_torch({"step": done, "delta": model.delta_state_dict(), "optimizer": opt.state_dict()},
-                        ckpt_path)
+                loss, metrics = bc_forward(model, b, atok, sample_prob=p_sample,
+                                           generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
+            opt.step()
+            log.write(stage="bc", step=step, lr_mult=mult, sample_prob=p_sample, grad_norm=gnorm,
+                      sec=time.perf_counter() - ts, **metrics)
+            done = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['acc']:.3f}")
+            if done % 20 == 0 or done == cfg.steps or not cfg.device.startswith("cuda"):
+                # every 20 steps (every step on the CPU, at debug level in between)
+                logger.log(logging.INFO if done % 20 == 0 or done == cfg.steps else logging.DEBUG,
+                           "[bc %d/%d] loss %.3f acc %.3f within5 %.3f (%.2f s)", done, cfg.steps, metrics["loss"],
+                           metrics["acc"], metrics["within5"], time.perf_counter() - ts)
+            if done % cfg.val_every == 0 or done == cfg.steps:
+                tv = time.perf_counter()
+                with autocast():
+                    vm = greedy_validation(adapter, val_data, val_idx, cfg)
+                log.write(stage="val", step=step, sec=time.perf_counter() - tv, **vm)
+                logger.info("[val %d] greedy exact %.3f within1 %.3f swap changes %.3f (%.1f s)", done,
+                            vm["exact_all_dims"], vm["within_1_all_dims"], vm["swap_tokens_changed"],
+                            time.perf_counter() - tv)
+                model.train()
+            if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                _save_torch({"step": done, "delta": model.delta_state_dict(), "optimizer": opt.state_dict()},
+                            ckpt_path)
     model.eval()
-    finalize(out, cfg, model, tok, norm, base, pre.get("metrics", {}), progress=progress)
+    finalize(out, cfg, model, tok, norm, base, pre.get("metrics", {}))
     return out
 
 
@@ -645,23 +565,29 @@ def _autocast(cfg: TrainConfig) -> Callable[[], Any]:
     return lambda: torch.autocast(kind, dtype=dtype, enabled=dtype is not None)
 
 
-def _vision_sets(cfg: TrainConfig, data_dir: Path, say: Callable[..., Any]) -> tuple[StateSet, StateSet]:
+def _bar(total: int, start: int, desc: str, progress: bool) -> Any:
+    """A progress bar from ``start`` to ``total`` steps, shown only on a terminal (never in a log file)."""
+    return tqdm(total=total, initial=start, desc=desc, unit="step", disable=None if progress else True)
+
+
+def _vision_sets(cfg: TrainConfig, data_dir: Path) -> tuple[StateSet, StateSet]:
     spec = cfg.model.vision
     t0 = time.perf_counter()
     train_set = _cached_states(data_dir / "vision_dense_train.npz",
                                lambda: generate_state_set("train", cfg.vision_samples, spec, workers=cfg.workers))
     val_set = _cached_states(data_dir / "vision_dense_val.npz",
                              lambda: generate_state_set("val", cfg.vision_val_samples, spec, workers=cfg.workers))
-    say(f"[vision] {len(train_set)} train / {len(val_set)} val images in {time.perf_counter() - t0:.1f} s",
-        flush=True)
+    logger.info("[vision] %d train / %d val images in %.1f s", len(train_set), len(val_set),
+                time.perf_counter() - t0)
     return train_set, val_set
 
 
 def pretrain_vision(
     model: TestbedVLA, cfg: TrainConfig, out: Path, states: tuple[StateSet, StateSet], log: RunLog,
-    say: Callable[..., Any], *, stop_at: int | None = None,
+    *, stop_at: int | None = None, progress: bool = False,
 ) -> dict[str, Any] | None:
-    """Stage 1: the ViT learns to say what is in each patch of train-split images (head discarded)."""
+    """Stage 1: the ViT learns to say what is in each patch of train-split images (head discarded).
+    ``progress``: a progress bar on a terminal."""
     spec = cfg.model.vision
     train_set, val_set = states
     with torch.random.fork_rng(devices=[]):
@@ -680,38 +606,41 @@ def pretrain_vision(
         head.load_state_dict(ck["head"])
         opt.load_state_dict(ck["optimizer"])
         start = int(ck["step"])
-        say(f"[vision] resuming at step {start}", flush=True)
+        logger.info("[vision] resuming at step %d", start)
     log.keep(lambda r: r["stage"] != "vision" or r["step"] < start)
     total = cfg.vision_steps
     vision.train()
-    for step in range(start, total):
-        if stop_at is not None and step >= stop_at:
-            return None
-        ts = time.perf_counter()
-        mult = min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / total))
-        for g in opt.param_groups:
-            g["lr"] = cfg.vision_lr * mult
-        idx = indices_for(step, cfg.vision_batch, len(train_set), cfg.seed + 1)
-        px = images_to_pixels(list(train_set.images[idx]), spec.image_size).to(cfg.device)
-        with autocast():
-            pred = head(vision(px))
-        loss = state_loss(pred.float(), torch.from_numpy(train_set.targets[idx]).to(cfg.device),
-                          torch.from_numpy(train_set.masks[idx]).to(cfg.device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        log.write(stage="vision", step=step, loss=float(loss.detach()), sec=time.perf_counter() - ts)
-        done = step + 1
-        if done % cfg.vision_ckpt_every == 0 or done == total:
-            say(f"[vision {done}/{total}] loss {float(loss.detach()):.4f}", flush=True)
-            _save_torch({"step": done, "vision": vision.state_dict(), "head": head.state_dict(),
-                         "optimizer": opt.state_dict()}, ckpt_path)
+    with _bar(total, start, "vision pretraining", progress) as bar:
+        for step in range(start, total):
+            if stop_at is not None and step >= stop_at:
+                return None
+            ts = time.perf_counter()
+            mult = min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / total))
+            for g in opt.param_groups:
+                g["lr"] = cfg.vision_lr * mult
+            idx = indices_for(step, cfg.vision_batch, len(train_set), cfg.seed + 1)
+            px = images_to_pixels(list(train_set.images[idx]), spec.image_size).to(cfg.device)
+            with autocast():
+                pred = head(vision(px))
+            loss = state_loss(pred.float(), torch.from_numpy(train_set.targets[idx]).to(cfg.device),
+                              torch.from_numpy(train_set.masks[idx]).to(cfg.device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            log.write(stage="vision", step=step, loss=float(loss.detach()), sec=time.perf_counter() - ts)
+            done = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+            if done % cfg.vision_ckpt_every == 0 or done == total:
+                logger.info("[vision %d/%d] loss %.4f", done, total, float(loss.detach()))
+                _save_torch({"step": done, "vision": vision.state_dict(), "head": head.state_dict(),
+                             "optimizer": opt.state_dict()}, ckpt_path)
     vision.eval()
     with autocast():
         metrics = state_errors(vision, head, val_set, spec)
     log.write(stage="vision_val", step=total, sec=0.0, **metrics)
-    say(f"[vision] held-out: {metrics}", flush=True)
+    logger.info("[vision] held-out: %s", metrics)
     pre = {"vision": {k: v.cpu() for k, v in vision.state_dict().items()}, "metrics": metrics}
     _save_torch(pre, out / "vision_pretrained.pt")
     ckpt_path.unlink(missing_ok=True)
@@ -748,7 +677,7 @@ def greedy_validation(adapter: TestbedVLAAdapter, data: BCData, idx: np.ndarray,
 # -- artifacts ------------------------------------------------------------------------------------
 def finalize(
     out: Path, cfg: TrainConfig, model: TestbedVLA, tok: Any, norm: dict[str, Any], base: dict[str, Any],
-    vision_metrics: dict[str, Any], *, progress: bool = True,
+    vision_metrics: dict[str, Any],
 ) -> None:
     """Delta (fp16), manifest, loss curve and expected predictions."""
     from safetensors.torch import save_file
@@ -792,8 +721,7 @@ def finalize(
     atomic_write_json(out / MANIFEST_FILE, manifest)
     plot_loss_curve(records, out / CURVE_FILE)
     write_expected(out, n=8)
-    if progress:
-        print(f"[train] wrote {out / DELTA_FILE} ({manifest['delta']['bytes'] / 1e6:.1f} MB)", flush=True)
+    logger.info("[train] wrote %s (%.1f MB)", out / DELTA_FILE, manifest["delta"]["bytes"] / 1e6)
 
 
 def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> None:
@@ -888,35 +816,3 @@ def export(out: Path, dest: Path) -> list[Path]:
             shutil.copyfile(out / a, tmp)
         copied.append(dest / a)
     return copied
-
-
-def _iter_overrides(pairs: list[str]) -> Iterator[tuple[str, Any]]:
-    for p in pairs:
-        if "=" not in p:
-            raise ConfigError(f"--set takes key=value, got {p!r}")
-        k, v = p.split("=", 1)
-        yield k, json.loads(v)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m rdt_interp.testbed.train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, type=Path, help="run directory (resumed if it holds a checkpoint)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tiny", action="store_true", help="tiny random backbone (a pipeline check in seconds)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON",
-                    help="override TrainConfig fields, e.g. --set steps=200 batch_size=8")
-    ap.add_argument("--export", type=Path, help="copy the finished run's artifacts here")
-    args = ap.parse_args(argv)
-    cfg = tiny_config(args.seed) if args.tiny else TrainConfig(seed=args.seed)
-    overrides = coerce_fields(dict(_iter_overrides(args.set)))
-    if overrides:
-        cfg = replace(cfg, **overrides)
-    train(args.out, cfg)  # resumes when --out holds a run with this configuration
-    if args.export:
-        for p in export(args.out, args.export):
-            print(f"[train] exported {p}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
