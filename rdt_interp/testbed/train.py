@@ -68,6 +68,7 @@ from rdt_interp.testbed.dataset import (
     episode_stream,
     generate_demos,
     load_demos,
+    perturb_action,
     split_tasks,
 )
 from rdt_interp.testbed.expert import EXPERT
@@ -167,21 +168,13 @@ def _state_episodes(split: str, first: int, n: int, *, spec: VisionSpec) -> list
     for _, task in split_tasks(split, n, start=first):
         rng = np.random.default_rng([task.scene.seed, 0x57A7E])
         res = rollout(EXPERT, task, image_size=spec.image_size, keep_images=True,
-                      perturb=lambda a, rng=rng: _noisy(a, rng))
+                      perturb=lambda a, rng=rng: perturb_action(a, rng, DEFAULT_NOISE))
         assert res.images is not None
         pairs = [state_targets(s, spec) for s in res.states[:-1]]
         shape = (0, spec.num_patches, len(ENTITIES), PER_ENTITY)
         out.append((res.images, np.stack([p[0] for p in pairs]) if pairs else np.zeros(shape, np.float32),
                     np.stack([p[1] for p in pairs]) if pairs else np.zeros(shape, np.float32)))
     return out
-
-
-def _noisy(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The demonstrations' execution noise (``DEFAULT_NOISE``) on the executed action."""
-    a = a.astype(np.float64)
-    a[:3] += rng.normal(0.0, DEFAULT_NOISE[0], 3)
-    a[5] += rng.normal(0.0, DEFAULT_NOISE[1])
-    return a
 
 
 class StateHead(nn.Module):
