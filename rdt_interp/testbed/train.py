@@ -431,7 +431,9 @@ def train(
     """Run (or resume) training into ``out``; returns ``out``.
 
     ``stop_at=(stage, step)`` ends the run before that step of ``"vision"`` or ``"bc"`` as if it
-    were killed there (tests of resuming: what survives is the last checkpoint).
+    were killed there (tests of resuming: what survives is the last checkpoint). Messages go to
+    :mod:`logging` (``rdt_interp.testbed.train``); ``progress`` shows progress bars when the output
+    is a terminal.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
