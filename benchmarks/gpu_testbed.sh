@@ -82,7 +82,7 @@ train)
     if [ -f "$H/run/manifest.json" ]; then echo finished; else echo "not finished (rc $rc): run train again"; fi
     ;;
 eval)
-    python3 -c 'import sys, pathlib; from rdt_interp.testbed.train import export; export(*map(pathlib.Path, sys.argv[1:]))' \
+    python3 -c 'import sys, pathlib; from rdt_interp.testbed.artifacts import export; export(*map(pathlib.Path, sys.argv[1:]))' \
         "$H/run" "$OUT/testbed"
     # a file over 16 MiB does not come back from the device: the 17.4 MB delta travels in two
     # parts; here: cat delta.part.0 delta.part.1 > delta.safetensors (its sha256 is in manifest.json)

@@ -216,8 +216,9 @@ def testbed_train(
     progress: Annotated[bool, typer.Option(help="Show progress bars (on a terminal).")] = True,
 ) -> None:
     """Train (or resume) the testbed VLA: vision pretraining, then behaviour cloning."""
+    from rdt_interp.testbed.artifacts import export
     from rdt_interp.testbed.config import TrainConfig, tiny_config
-    from rdt_interp.testbed.train import export, train
+    from rdt_interp.testbed.train import train
 
     cfg = tiny_config(seed) if tiny else TrainConfig(seed=seed)
     if overrides:

@@ -21,18 +21,16 @@ Two stages, both deterministic given the seed:
 Every ``ckpt_every`` steps the trainable state and the optimizer go to ``DIR/ckpt.pt``
 atomically; a killed run continues from there (the log is cut back to the checkpoint). The run
 ends by writing the delta (fp16 safetensors), ``manifest.json``, the loss curve and the
-expected predictions the ``real_model`` test checks.
+expected predictions the ``real_model`` test checks (:mod:`rdt_interp.testbed.artifacts`). The
+configuration is :class:`rdt_interp.testbed.config.TrainConfig`; stage 1's targets and objective
+are in :mod:`rdt_interp.testbed.perception`.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import math
 import os
-import platform
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,205 +40,36 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Float32, Int, UInt8
-from torch import Tensor, nn
+from jaxtyping import Float, Int
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from rdt_interp.errors import ConfigError
-from rdt_interp.storage import atomic_path, atomic_write_json, read_json, sha256_file, to_json_line
+from rdt_interp.storage import atomic_path, atomic_write_json, read_json
 from rdt_interp.testbed.adapter import (
     BASE_MODEL,
-    DELTA_FILE,
-    MANIFEST_FILE,
     TINY_BASE,
     UNNORM_KEY,
     TestbedVLAAdapter,
     tiny_language_model,
     tiny_tokenizer,
 )
+from rdt_interp.testbed.artifacts import LOG_FILE, RunLog, finalize
 from rdt_interp.testbed.config import TrainConfig
 from rdt_interp.testbed.config import (
     tiny_config as tiny_config,  # re-exported: it used to live here
 )
-from rdt_interp.testbed.dataset import (
-    DEFAULT_NOISE,
-    DemoSet,
-    episode_stream,
-    generate_demos,
-    load_demos,
-    perturb_action,
-    split_tasks,
+from rdt_interp.testbed.dataset import DemoSet, generate_demos, load_demos
+from rdt_interp.testbed.model import TestbedVLA, images_to_pixels
+from rdt_interp.testbed.perception import (
+    StateHead,
+    StateSet,
+    generate_state_set,
+    state_errors,
+    state_loss,
 )
-from rdt_interp.testbed.expert import EXPERT
-from rdt_interp.testbed.model import (
-    TestbedVLA,
-    VisionSpec,
-    images_to_pixels,
-)
-from rdt_interp.testbed.scene import CATALOG, KINDS, X_RANGE, Y_RANGE, Z_MAX, Scene
-from rdt_interp.testbed.sim import rollout
-
-LOG_FILE = "train_log.jsonl"
-CURVE_FILE = "loss_curve.png"
-EXPECTED_FILE = "expected_actions.json"
-ARTIFACTS = (DELTA_FILE, MANIFEST_FILE, LOG_FILE, CURVE_FILE, EXPECTED_FILE)
 
 logger = logging.getLogger(__name__)
-
-
-# -- dense state targets (vision pretraining) -------------------------------------------------------
-#: the entities every patch reports on: the gripper, then every object kind
-ENTITIES = ("gripper", *KINDS)
-#: per patch and entity: [here, u, v, z, sin 2yaw, cos 2yaw, flag, flag2] where ``here`` says the
-#: entity's centre is in this patch, (u, v) is its offset inside the patch in [-1, 1], flag is
-#: "open" (gripper) / "held" (object) and flag2 "holding something" (gripper only)
-PER_ENTITY = 8
-_BINARY = np.array([1, 0, 0, 0, 0, 0, 1, 1], dtype=bool)
-
-
-def pixel_of(x: float, y: float, image_size: int) -> tuple[float, float]:
-    """Column and row (pixels, may be fractional) where the renderer draws world point ``(x, y)``."""
-    scale = image_size / (X_RANGE[1] - X_RANGE[0])
-    return (x - X_RANGE[0]) * scale, (Y_RANGE[1] - y) * scale
-
-
-def state_targets(
-    scene: Scene, spec: VisionSpec
-) -> tuple[Float32[np.ndarray, "patches entities k"], Float32[np.ndarray, "patches entities k"]]:
-    """Per-patch targets (row-major patches, as the ViT orders them) and which of them apply."""
-    grid, p = spec.image_size // spec.patch_size, spec.patch_size
-    val = np.zeros((grid * grid, len(ENTITIES), PER_ENTITY), dtype=np.float32)
-    mask = np.zeros_like(val)
-    mask[:, :, 0] = 1.0  # "is it here" is scored in every patch
-
-    def put(e: int, x: float, y: float, z: float, yaw: float | None, flags: tuple[float, ...]) -> None:
-        col, row = pixel_of(x, y, spec.image_size)
-        c = min(max(int(col // p), 0), grid - 1)
-        r = min(max(int(row // p), 0), grid - 1)
-        k = r * grid + c
-        u, v = (col - (c + 0.5) * p) / (p / 2), (row - (r + 0.5) * p) / (p / 2)
-        val[k, e, :4] = [1.0, u, v, 2 * z / Z_MAX - 1]
-        mask[k, e, 1:4] = 1.0
-        if yaw is not None:
-            val[k, e, 4:6] = [math.sin(2 * yaw), math.cos(2 * yaw)]
-            mask[k, e, 4:6] = 1.0
-        val[k, e, 6:6 + len(flags)] = flags
-        mask[k, e, 6:6 + len(flags)] = 1.0
-
-    g = scene.gripper
-    put(0, g.x, g.y, g.z, g.yaw, (float(g.open), float(scene.held is not None)))
-    for e, kind in enumerate(KINDS, start=1):
-        if kind in scene:
-            o = scene.object(kind)
-            put(e, o.x, o.y, o.z, o.yaw if CATALOG[kind].elongated else None, (float(scene.held == kind),))
-    return val, mask
-
-
-@dataclass(frozen=True, eq=False)
-class StateSet:
-    images: UInt8[np.ndarray, "n h w 3"]
-    targets: Float32[np.ndarray, "n patches entities k"]
-    masks: Float32[np.ndarray, "n patches entities k"]
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-
-def generate_state_set(split: str, n_samples: int, spec: VisionSpec, *, start: int = 0,
-                       workers: int = 1) -> StateSet:
-    """Images of expert rollouts (noisy execution, as the demonstrations) with their true states."""
-    images, targets, masks = [], [], []
-    n = 0
-    for im, tg, mk in episode_stream(functools.partial(_state_episodes, split, spec=spec), start, workers):
-        if n >= n_samples:
-            break
-        if len(im):
-            images.append(im)
-            targets.append(tg)
-            masks.append(mk)
-            n += len(im)
-    return StateSet(np.concatenate(images)[:n_samples], np.concatenate(targets)[:n_samples],
-                    np.concatenate(masks)[:n_samples])
-
-
-def _state_episodes(split: str, first: int, n: int, *, spec: VisionSpec) -> list[tuple[np.ndarray, ...]]:
-    out = []
-    for _, task in split_tasks(split, n, start=first):
-        rng = np.random.default_rng([task.scene.seed, 0x57A7E])
-        res = rollout(EXPERT, task, image_size=spec.image_size, keep_images=True,
-                      perturb=lambda a, rng=rng: perturb_action(a, rng, DEFAULT_NOISE))
-        assert res.images is not None
-        pairs = [state_targets(s, spec) for s in res.states[:-1]]
-        shape = (0, spec.num_patches, len(ENTITIES), PER_ENTITY)
-        out.append((res.images, np.stack([p[0] for p in pairs]) if pairs else np.zeros(shape, np.float32),
-                    np.stack([p[1] for p in pairs]) if pairs else np.zeros(shape, np.float32)))
-    return out
-
-
-class StateHead(nn.Module):
-    """One small MLP shared by every patch: patch feature -> what is in that patch.
-
-    Shared weights make each patch token describe its own content (a local objective, like a
-    detection head), which generalizes from a few thousand episodes where a head over all
-    patches at once memorizes them.
-    """
-
-    def __init__(self, dim: int, hidden: int = 256) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(),
-                                 nn.Linear(hidden, len(ENTITIES) * PER_ENTITY))
-
-    def forward(self, patches: Float[Tensor, "batch patches dim"]) -> Float[Tensor, "batch patches entities k"]:
-        b, n, _ = patches.shape
-        return self.net(patches).view(b, n, len(ENTITIES), PER_ENTITY)
-
-
-def state_loss(
-    pred: Float[Tensor, "batch patches entities k"], target: Float[Tensor, "batch patches entities k"],
-    mask: Float[Tensor, "batch patches entities k"],
-) -> Float[Tensor, ""]:
-    """BCE on "is it here" and the flags, MSE on offset, height and yaw, each where it applies."""
-    binary = torch.as_tensor(_BINARY, device=pred.device)
-    bce = F.binary_cross_entropy_with_logits(pred[..., binary], target[..., binary], weight=mask[..., binary],
-                                             reduction="sum") / mask[..., binary].sum().clamp(min=1)
-    cont = ~binary
-    mse = (((pred[..., cont] - target[..., cont]) ** 2) * mask[..., cont]).sum() / mask[..., cont].sum().clamp(min=1)
-    return bce + mse
-
-
-@torch.no_grad()
-def state_errors(vision: nn.Module, head: StateHead, data: StateSet, spec: VisionSpec,
-                 batch: int = 256) -> dict[str, float]:
-    """Held-out perception quality: position read from the most confident patch (cm), height
-    error, flags, and how often that patch is the right one."""
-    preds = []
-    device = next(head.parameters()).device
-    for s in range(0, len(data), batch):
-        px = images_to_pixels(list(data.images[s:s + batch]), spec.image_size).to(device)
-        preds.append(head(vision(px)).float().cpu().numpy())
-    p, t = np.concatenate(preds), data.targets
-    grid, ps = spec.image_size // spec.patch_size, spec.patch_size
-    cm_per_px = (X_RANGE[1] - X_RANGE[0]) * 100 / spec.image_size
-    true_k = t[..., 0].argmax(1)  # [n, entities]
-    present = t[..., 0].max(1) > 0.5
-    best_k = p[..., 0].argmax(1)
-
-    def xy(arr: np.ndarray, k: np.ndarray) -> np.ndarray:
-        n, e = np.indices(k.shape)
-        uv = arr[n, k, e, 1:3]
-        return np.stack([(k % grid + 0.5) * ps + uv[..., 0] * ps / 2, (k // grid + 0.5) * ps + uv[..., 1] * ps / 2], -1)
-
-    err = np.linalg.norm(xy(p, best_k) - xy(t, true_k), axis=-1) * cm_per_px
-    n, e = np.indices(true_k.shape)
-    z_err = np.abs(p[n, true_k, e, 3] - t[n, true_k, e, 3]) * Z_MAX / 2 * 100
-    flag_ok = (p[n, true_k, e, 6] > 0) == (t[n, true_k, e, 6] > 0.5)
-    here = (p[..., 0] > 0) == (t[..., 0] > 0.5)
-    return {"gripper_xy_cm": float(err[:, 0].mean()), "object_xy_cm": float(err[:, 1:][present[:, 1:]].mean()),
-            "gripper_z_cm": float(z_err[:, 0].mean()), "object_z_cm": float(z_err[:, 1:][present[:, 1:]].mean()),
-            "right_patch": float((best_k == true_k)[present].mean()),
-            "presence_accuracy": float(here.mean()),
-            "gripper_open_accuracy": float(flag_ok[:, 0].mean()),
-            "held_accuracy": float(flag_ok[:, 1:][present[:, 1:]].mean()), "n": len(data)}
 
 
 # -- behaviour cloning batches ----------------------------------------------------------------------
@@ -344,39 +173,6 @@ def indices_for(step: int, batch: int, n: int, seed: int) -> np.ndarray:
 
 
 # -- files ----------------------------------------------------------------------------------------
-class RunLog:
-    """Append-only JSONL log that can be cut back to a checkpoint."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def records(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        out = []
-        for line in self.path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut by a kill: drop it and everything after
-        return out
-
-    def keep(self, pred: Callable[[dict[str, Any]], bool]) -> None:
-        kept = [r for r in self.records() if pred(r)]
-        with atomic_path(self.path) as tmp:
-            tmp.write_text("".join(to_json_line(r) + "\n" for r in kept))
-
-    def write(self, **record: Any) -> None:
-        """Append one record; a NaN or infinite value is written as null, named under ``nonfinite``
-        (a diverged loss stays visible, and the file stays standard JSON)."""
-        bad = {k: repr(v) for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
-        if bad:
-            record = {**record, "nonfinite": bad}
-        with open(self.path, "a") as fh:
-            fh.write(to_json_line(record) + "\n")
-            fh.flush()
-
-
 def _save_torch(obj: Any, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -667,147 +463,3 @@ def greedy_validation(adapter: TestbedVLAAdapter, data: BCData, idx: np.ndarray,
     out["swap_tokens_changed"] = float(changed.mean())
     out["swap_tokens_changed_dims"] = changed.mean(0).tolist()
     return out
-
-
-# -- artifacts ------------------------------------------------------------------------------------
-def finalize(
-    out: Path, cfg: TrainConfig, model: TestbedVLA, tok: Any, norm: dict[str, Any], base: dict[str, Any],
-    vision_metrics: dict[str, Any],
-) -> None:
-    """Delta (fp16), manifest, loss curve and expected predictions."""
-    from safetensors.torch import save_file
-
-    delta = {k: v.to(torch.float16).contiguous() for k, v in model.delta_state_dict().items()}
-    with atomic_path(out / DELTA_FILE) as tmp:
-        save_file(delta, str(tmp), metadata={"format": "pt"})  # one key: the header stays byte-stable
-    records = RunLog(out / LOG_FILE).records()
-    bc = [r for r in records if r["stage"] == "bc"]
-    vals = [r for r in records if r["stage"] == "val"]
-    tail = bc[-20:]
-    import transformers
-
-    manifest = {
-        "format": 1,
-        "config": cfg.model.to_dict(),
-        "train_config": cfg.to_dict(),
-        "seed": cfg.seed,
-        "norm_stats": norm,
-        "unnorm_key": UNNORM_KEY,
-        "base": base,
-        "delta": {"file": DELTA_FILE, "sha256": sha256_file(out / DELTA_FILE),
-                  "bytes": (out / DELTA_FILE).stat().st_size, "storage_dtype": "float16",
-                  "n_params": int(sum(v.numel() for v in delta.values())),
-                  "parts": {p: int(sum(v.numel() for k, v in delta.items() if k.startswith(p)))
-                            for p in ("vision.", "projector.", "language_model.", "action_")}},
-        "prompt": {"template": "<|endoftext|>In: What action should the robot take to {instruction}?\\nOut: ",
-                   "bos": "<|endoftext|> (prepended; patches follow it)", "trailing_token": " "},
-        "training": {
-            "steps": len(bc), "samples_seen": len(bc) * cfg.batch_size,
-            "final_loss_mean_last20": float(np.mean([r["loss"] for r in tail])) if tail else None,
-            "final_acc_mean_last20": float(np.mean([r["acc"] for r in tail])) if tail else None,
-            "final_val": vals[-1] if vals else None,
-            "vision_pretraining": vision_metrics,
-            "seconds": {stage: float(sum(r.get("sec", 0.0) for r in records if r["stage"] == stage))
-                        for stage in ("vision", "bc", "val")},
-        },
-        "software": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version(), "threads": cfg.threads},
-    }
-    atomic_write_json(out / MANIFEST_FILE, manifest)
-    plot_loss_curve(records, out / CURVE_FILE)
-    write_expected(out, n=8)
-    logger.info("[train] wrote %s (%.1f MB)", out / DELTA_FILE, manifest["delta"]["bytes"] / 1e6)
-
-
-def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> None:
-    """Three panels: ViT pretraining loss, BC loss (teacher-forced), greedy validation."""
-    from rdt_interp.viz.style import OKABE_ITO, new_figure, paper_style, save_figure
-
-    vis = [r for r in records if r["stage"] == "vision"]
-    bc = [r for r in records if r["stage"] == "bc"]
-    vals = [r for r in records if r["stage"] == "val"]
-    with paper_style():
-        fig, (a, b, c) = new_figure("page", 2.6, ncols=3)
-        if vis:
-            a.plot([r["step"] + 1 for r in vis], [r["loss"] for r in vis], color=OKABE_ITO["blue"], lw=0.6)
-            a.set_yscale("log")
-        a.set_title("(a) ViT state regression")
-        a.set_xlabel("step")
-        a.set_ylabel("masked MSE + BCE")
-        if bc:
-            steps = np.array([r["step"] + 1 for r in bc])
-            loss = np.array([r["loss"] for r in bc])
-            b.plot(steps, loss, color=OKABE_ITO["sky"], lw=0.5, label="batch")
-            k = min(20, len(loss))
-            smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-            b.plot(steps[k - 1:], smooth, color=OKABE_ITO["blue"], lw=1.0, label=f"{k}-step mean")
-            b.set_yscale("log")
-            b.legend()
-        b.set_title("(b) behaviour cloning, 7 action tokens")
-        b.set_xlabel("step")
-        b.set_ylabel("cross-entropy (nats / token)")
-        if vals:
-            x = [r["step"] + 1 for r in vals]
-            c.plot(x, [r["exact_all_dims"] for r in vals], "o-", ms=3, lw=0.8, color=OKABE_ITO["vermillion"],
-                   label="exact bin")
-            c.plot(x, [r["within_1_all_dims"] for r in vals], "s-", ms=3, lw=0.8, color=OKABE_ITO["orange"],
-                   label="within 1 bin")
-            c.plot(x, [r["swap_tokens_changed"] for r in vals], "^-", ms=3, lw=0.8, color=OKABE_ITO["green"],
-                   label="changed by the neighbour's image")
-            c.set_ylim(0, 1)
-            c.legend(title=f"n = {vals[-1]['n']} ({vals[-1]['episodes']} val episodes)")
-        c.set_title("(c) greedy decoding, held out")
-        c.set_xlabel("step")
-        c.set_ylabel("share of action tokens")
-    save_figure(fig, path.with_suffix(""), formats=("png",), dpi=150)
-
-
-def expected_requests(n: int, image_size: int) -> tuple[list[Any], list[dict[str, Any]]]:
-    """``n`` held-out test samples (the middle step of different test episodes) and their identity."""
-    import hashlib
-
-    from rdt_interp.models.vla import VLARequest
-
-    demos = generate_demos("test", n, image_size=image_size)
-    picks = []
-    for e in demos.episodes:
-        rows = np.flatnonzero(demos.episode_ids == e.index)
-        if len(rows):
-            picks.append(int(rows[len(rows) // 2]))
-    reqs, meta = [], []
-    for j in picks[:n]:
-        img, ins, act = demos.sample(j)
-        reqs.append(VLARequest(ins, img))
-        meta.append({"episode": int(demos.episode_ids[j]), "step": int(demos.steps[j]), "instruction": ins,
-                     "image_sha256": hashlib.sha256(np.ascontiguousarray(img).tobytes()).hexdigest(),
-                     "expert_action": act.tolist()})
-    return reqs, meta
-
-
-def write_expected(out: Path, n: int = 8) -> None:
-    """Greedy predictions of the saved (fp16) delta on held-out test samples, for regression tests."""
-    from rdt_interp.testbed.adapter import load_testbed_vla
-
-    vla = load_testbed_vla(out)
-    reqs, meta = expected_requests(n, vla.image_size)
-    pred = vla.predict_actions(reqs, unnorm_key=UNNORM_KEY, return_logits=True)
-    top2 = pred.action_logits.topk(2, dim=-1).values
-    for k, m in enumerate(meta):
-        m["token_ids"] = pred.token_ids[k].tolist()
-        m["actions"] = pred.actions[k].tolist()
-        m["top1_margin"] = (top2[k, :, 0] - top2[k, :, 1]).tolist()
-    atomic_write_json(out / EXPECTED_FILE, {"unnorm_key": UNNORM_KEY, "samples": meta})
-
-
-def export(out: Path, dest: Path) -> list[Path]:
-    """Copy the committed artifacts of a finished run into ``dest`` (e.g. rdt_interp/data/testbed)."""
-    missing = [a for a in ARTIFACTS if not (out / a).is_file()]
-    if missing:
-        raise ConfigError(f"{out} is not a finished run (missing {missing})", fix="finish training first")
-    dest.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for a in ARTIFACTS:
-        with atomic_path(dest / a) as tmp:
-            shutil.copyfile(out / a, tmp)
-        copied.append(dest / a)
-    return copied

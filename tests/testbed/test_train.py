@@ -16,28 +16,19 @@ from rdt_interp.cli import app
 from rdt_interp.errors import ConfigError
 from rdt_interp.models.vla import VLARequest
 from rdt_interp.testbed.adapter import DELTA_FILE, MANIFEST_FILE, UNNORM_KEY, load_testbed_vla
+from rdt_interp.testbed.artifacts import CURVE_FILE, EXPECTED_FILE, LOG_FILE, RunLog, export
+from rdt_interp.testbed.config import tiny_config
 from rdt_interp.testbed.dataset import generate_demos
-from rdt_interp.testbed.scene import CATALOG, render, sample_scene
-from rdt_interp.testbed.train import (
+from rdt_interp.testbed.perception import (
     _BINARY,
-    CURVE_FILE,
     ENTITIES,
-    EXPECTED_FILE,
-    LOG_FILE,
     PER_ENTITY,
-    BCData,
-    RunLog,
-    bc_forward,
-    build_model,
-    export,
-    indices_for,
-    lr_at,
     pixel_of,
     state_loss,
     state_targets,
-    tiny_config,
-    train,
 )
+from rdt_interp.testbed.scene import CATALOG, render, sample_scene
+from rdt_interp.testbed.train import BCData, bc_forward, build_model, indices_for, lr_at, train
 from rdt_interp.testbed.train import TestbedVLAAdapter as _Adapter
 
 CFG = tiny_config(seed=0, steps=8, vision_samples=128, vision_epochs=2, ckpt_every=3, val_every=4)
