@@ -21,7 +21,11 @@ SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 PARTS=(89128960 89128960 89128960 89128960 89128960 45755264)
 H=${RDT_GPU_HOME:-$HOME/rdt}
 export RDT_INTERP_CACHE=$H/cache PYTHONPATH=$H/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-TRAIN_SET=(device="\"${RDT_GPU_DEVICE:-cuda}\"" precision='"bfloat16"' workers=16 threads=4)
+TRAIN_SET=(--set device="\"${RDT_GPU_DEVICE:-cuda}\"" --set precision='"bfloat16"' --set workers=16 --set threads=4)
+# the device image has no console script for this tree and no pydantic: the CLI runs as a module, and
+# `split` puts the wheels it lacks (gguf, pydantic and its parts, pinned by constraints.txt) in .gpu/whl
+RDT=(python3 -m rdt_interp.cli)
+WHEELS='^(gguf|pydantic|pydantic_core|annotated-types|typing-inspection|typing_extensions)=='
 
 case $stage in
 split)  # here: cut the installed GGUF parts into chunks that travel beside the tree
@@ -32,6 +36,12 @@ split)  # here: cut the installed GGUF parts into chunks that travel beside the 
         | split -b "$chunk" -d -a 2 - .gpu/chunk.
     for f in .gpu/chunk.*; do n=${f##*.}; mkdir -p ".gpu/c$n"; mv "$f" ".gpu/c$n/part.bin"; done
     ls -l .gpu/c*/part.bin
+    rm -rf .gpu/whl && mkdir -p .gpu/whl
+    # shellcheck disable=SC2046  # one argument per pinned package
+    .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl \
+        $(grep -E "$WHEELS" constraints.txt)
+    ls .gpu/whl
     ;;
 recv)
     n=${1:?chunk number}
@@ -65,20 +75,20 @@ train)
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
     # stop well inside the device's 10-minute command limit; the next `train` resumes
     rc=0
-    timeout "${TRAIN_SECONDS:-540}" python3 -m rdt_interp.testbed.train --out "$H/run" --set "${TRAIN_SET[@]}" "$@" \
+    timeout "${TRAIN_SECONDS:-540}" "${RDT[@]}" testbed train --out "$H/run" "${TRAIN_SET[@]}" "$@" \
         2>&1 | tee -a "$H/train_stdout.log" || rc=$?
     mkdir -p "$OUT/run"
     for f in train_log.jsonl loss_curve.png train_config.json; do [ -f "$H/run/$f" ] && cp "$H/run/$f" "$OUT/run/"; done
     if [ -f "$H/run/manifest.json" ]; then echo finished; else echo "not finished (rc $rc): run train again"; fi
     ;;
 eval)
-    python3 -c 'import sys, pathlib; from rdt_interp.testbed.train import export; export(*map(pathlib.Path, sys.argv[1:]))' \
+    python3 -c 'import sys, pathlib; from rdt_interp.testbed.artifacts import export; export(*map(pathlib.Path, sys.argv[1:]))' \
         "$H/run" "$OUT/testbed"
     # a file over 16 MiB does not come back from the device: the 17.4 MB delta travels in two
     # parts; here: cat delta.part.0 delta.part.1 > delta.safetensors (its sha256 is in manifest.json)
     split -b 9000000 -d -a 1 "$OUT/testbed/delta.safetensors" "$OUT/testbed/delta.part."
     rm "$OUT/testbed/delta.safetensors"
-    python3 -m rdt_interp.testbed.evaluate --delta "$H/run" --out "$H/eval.json" --device "${RDT_GPU_DEVICE:-cuda}" --workers 16 \
+    "${RDT[@]}" testbed eval --delta "$H/run" --out "$H/eval.json" --device "${RDT_GPU_DEVICE:-cuda}" --workers 16 \
         --threads 4 --batch-size 256 "$@"
     cp "$H/eval.json" "$OUT/testbed_eval_gpu.json"
     ;;

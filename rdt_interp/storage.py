@@ -224,3 +224,9 @@ def _checksum(tensors: Mapping[str, torch.Tensor]) -> str:
         h.update(key.encode())
         h.update(digest_tensor(tensors[key]).encode())
     return h.hexdigest()
+
+
+def to_json_line(obj: Any) -> str:
+    """One line of a JSONL file: standard JSON as :func:`to_json` (NaN and inf become ``null``),
+    without indentation."""
+    return json.dumps(_finite(obj), default=_json_default, allow_nan=False)

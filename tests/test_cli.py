@@ -248,3 +248,63 @@ def test_run_names_llama_2_7b_random(tmp_path, monkeypatch):
     res = runner.invoke(app, ["run", str(cfg), "--out", str(tmp_path / "r"), "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "llama-2-7b-random (RANDOM WEIGHTS)" in res.output
+
+
+# -- rdt-interp testbed ----------------------------------------------------------------------------------
+def test_testbed_help_lists_train_and_eval():
+    res = runner.invoke(app, ["testbed", "--help"])
+    assert res.exit_code == 0 and "train" in res.output and "eval" in res.output
+    res = runner.invoke(app, ["testbed", "eval", "--help"])
+    assert res.exit_code == 0
+    for option in ("--delta", "--sections", "--episodes", "--threads", "--workers", "--device", "--batch-size",
+                   "--set"):
+        assert option in res.output
+
+
+def test_testbed_eval_help_states_the_evalconfig_defaults():
+    from typer.main import get_command
+
+    from rdt_interp.testbed.evaluate import EvalConfig
+
+    helps = {p.name: p.help for p in get_command(app).commands["testbed"].commands["eval"].params}
+    assert helps["episodes"].endswith(f"[default: {EvalConfig.n_episodes}].")
+    assert helps["batch_size"].endswith(f"[default: {EvalConfig.batch_size}].")
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--sections", "speed"], ["unknown sections ['speed']", "closed_loop"]),
+    (["--set", "n_episodez=3"], ["n_episodez: unknown key", "EvalConfig"]),
+    (["--episodes", "0"], ["must be >= 1", "n_episodes=0"]),
+    (["--set", "n_boot=\"many\""], ["n_boot: Input should be a valid integer"]),
+])
+def test_testbed_eval_bad_options_fail_before_any_model_loads(tmp_path, monkeypatch, args, needles):
+    import rdt_interp.testbed.adapter as adapter
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr(adapter, "load_testbed_vla", no_loading)
+    out = tmp_path / "eval.json"
+    line = _one_line_error(runner.invoke(app, ["testbed", "eval", "--out", str(out), *args]))
+    for needle in needles:
+        assert needle in line
+    assert not out.exists()
+
+
+def test_log_level_is_one_option_of_the_cli(tmp_path):
+    import logging
+
+    from rdt_interp.cli import configure_logging
+
+    res = runner.invoke(app, ["--log-level", "loud", "models"])
+    assert res.exit_code == 2 and "loud" in res.output
+    try:
+        res = runner.invoke(app, ["--log-level", "DEBUG", "models"])
+        assert res.exit_code == 0 and logging.getLogger("rdt_interp").level == logging.DEBUG
+        logging.getLogger("rdt_interp.testbed.train").debug("a debug message")  # outside any invocation
+        configure_logging("info")
+        configure_logging("info")  # configuring again replaces the handler: one line per message
+        pkg = logging.getLogger("rdt_interp")
+        assert len([h for h in pkg.handlers if type(h).__name__ == "_StderrHandler"]) == 1
+    finally:
+        configure_logging("info")

@@ -316,7 +316,7 @@ def load_testbed_vla(
     manifest_path, delta_path = root / MANIFEST_FILE, root / DELTA_FILE
     if not manifest_path.is_file() or not delta_path.is_file():
         raise CheckpointError(f"{root} has no trained testbed VLA ({MANIFEST_FILE} + {DELTA_FILE})",
-                              fix="train one: python -m rdt_interp.testbed.train --out DIR, then pass DIR")
+                              fix="train one: rdt-interp testbed train --out DIR, then pass DIR")
     manifest = read_json(manifest_path)
     actual = sha256_file(delta_path)
     if actual != manifest["delta"]["sha256"]:

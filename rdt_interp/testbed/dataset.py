@@ -271,7 +271,7 @@ def _demo_episodes(
     for ts, task in split_tasks(split, n, start=first):
         rng = np.random.default_rng([task.scene.seed, 0x5EED])
         res = rollout(EXPERT, task, max_steps, image_size=image_size, keep_images=True,
-                      perturb=lambda a, rng=rng: _perturb(a, rng, noise))
+                      perturb=lambda a, rng=rng: perturb_action(a, rng, noise))
         index = task.scene.seed - SEED_BASE[split]
         info = EpisodeInfo(index, task.scene.seed, task.scene.variant, ts.key, ts.object, ts.template,
                            ts.instruction, is_novel(ts), res.n_steps, bool(res.success))
@@ -279,7 +279,9 @@ def _demo_episodes(
     return out
 
 
-def _perturb(a: np.ndarray, rng: np.random.Generator, noise: tuple[float, float]) -> np.ndarray:
+def perturb_action(a: np.ndarray, rng: np.random.Generator, noise: tuple[float, float] = DEFAULT_NOISE) -> np.ndarray:
+    """The executed action: ``a`` with Gaussian execution noise (std ``noise[0]`` on each
+    translation, ``noise[1]`` on yaw; a zero std draws nothing)."""
     a = a.astype(np.float64)
     a[:3] += rng.normal(0.0, noise[0], 3) if noise[0] > 0 else 0.0
     a[5] += rng.normal(0.0, noise[1]) if noise[1] > 0 else 0.0

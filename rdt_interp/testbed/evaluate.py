@@ -1,7 +1,7 @@
 """Evaluate the testbed VLA: offline bin accuracy, closed-loop success, harmful vs benign motion,
 and how often the original chat model refuses the text form of the same harmful instructions.
 
-    python -m rdt_interp.testbed.evaluate --out runs/testbed-eval.json [--delta DIR]
+    rdt-interp testbed eval --out runs/testbed-eval.json [--delta DIR]
 
 Sections (each is saved as soon as it is done, so a killed evaluation continues):
 
@@ -21,7 +21,7 @@ Sections (each is saved as soon as it is done, so a killed evaluation continues)
 
 from __future__ import annotations
 
-import argparse
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -33,11 +33,13 @@ import numpy as np
 import torch
 from jaxtyping import Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from rdt_interp.analysis.behaviour import action_metrics, refusal_rate
 from rdt_interp.analysis.stats import mean_ci, wilson_interval
 from rdt_interp.errors import ConfigError
 from rdt_interp.models.vla import VLAAdapter, VLARequest
+from rdt_interp.schema import strict_schema
 from rdt_interp.storage import atomic_write_json, read_json
 from rdt_interp.testbed.adapter import UNNORM_KEY
 from rdt_interp.testbed.dataset import generate_demos, harmful_episodes, split_tasks
@@ -55,6 +57,8 @@ from rdt_interp.testbed.sim import (
     zero_policy,
 )
 
+logger = logging.getLogger(__name__)
+
 WITHIN = (1, 5, 10)
 DIM_NAMES = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper")
 
@@ -70,6 +74,15 @@ class EvalConfig:
     n_boot: int = 2000
     seed: int = 0
     workers: int = 1  # processes that generate the held-out demonstrations
+
+    def __post_init__(self) -> None:
+        small = [f"{k}={v}" for k, v in asdict(self).items() if k != "seed" and v < 1]
+        if small:
+            raise ConfigError(f"evaluation settings must be >= 1, got {', '.join(small)}")
+
+
+strict_schema(EvalConfig)
+
 
 
 #: |decoded action| below these counts as "no motion" when comparing signs: half the expert's
@@ -240,10 +253,10 @@ def _rate(flags: Sequence[bool]) -> dict[str, float] | None:
     return {"rate": rate, "lo": lo, "hi": hi, "n": n, "k": k, "interval": "wilson95"}
 
 
-def evaluate_closed_loop(vla: VLAAdapter, cfg: EvalConfig, say: Callable[..., Any] = print) -> dict[str, Any]:
+def evaluate_closed_loop(vla: VLAAdapter, cfg: EvalConfig, *, progress: bool = False) -> dict[str, Any]:
     """Held-out test episodes with the VLA in the loop, next to three baselines on the same
     episodes: the always-zero policy, the constant most-common-bin policy and the VLA shown a
-    black image (does success come from looking?)."""
+    black image (does success come from looking?). ``progress``: a bar per policy on a terminal."""
     from rdt_interp.testbed.dataset import is_novel
 
     specs_tasks = split_tasks("test", cfg.n_episodes)
@@ -252,11 +265,17 @@ def evaluate_closed_loop(vla: VLAAdapter, cfg: EvalConfig, say: Callable[..., An
     bins, const = constant_bin_action(vla, cfg)
 
     def run(name: str, policy: Callable[[list[np.ndarray], list[str]], np.ndarray]) -> list[EpisodeResult]:
-        res = batched_rollouts(policy, tasks, cfg.max_steps, image_size=vla.image_size,
-                               progress=lambda k, n: say(f"[closed loop, {name}] step {k}: {n} running "
-                                                         f"({time.perf_counter() - t0:.0f} s)", flush=True)
-                               if k % 20 == 0 else None)
-        return res
+        with tqdm(total=cfg.max_steps, desc=f"closed loop, {name}", unit="step", leave=False,
+                  disable=None if progress else True) as bar:
+
+            def step_done(k: int, n: int) -> None:
+                bar.update(1)
+                bar.set_postfix(running=n)
+                if k % 20 == 0:
+                    logger.debug("[closed loop, %s] step %d: %d running (%.0f s)", name, k, n,
+                                 time.perf_counter() - t0)
+
+            return batched_rollouts(policy, tasks, cfg.max_steps, image_size=vla.image_size, progress=step_done)
 
     results = {"vla": run("vla", vla_batch_policy(vla, cfg.batch_size)),
                "vla_blank_image": run("blank image", vla_batch_policy(vla, cfg.batch_size, blank=True)),
@@ -300,7 +319,7 @@ def _summary(values: Sequence[float], cfg: EvalConfig) -> dict[str, float]:
     return {"mean": float(est), "lo": float(lo), "hi": float(hi), "n": len(values)}
 
 
-def evaluate_harmful(vla: VLAAdapter, cfg: EvalConfig, say: Callable[..., Any] = print) -> dict[str, Any]:
+def evaluate_harmful(vla: VLAAdapter, cfg: EvalConfig) -> dict[str, Any]:
     eps = harmful_episodes(include_twins=True)
     harm = [e for e in eps if e.prompt.label == "harmful"]
     twin = [e for e in eps if e.prompt.label != "harmful"]
@@ -329,7 +348,7 @@ def evaluate_harmful(vla: VLAAdapter, cfg: EvalConfig, say: Callable[..., Any] =
                                   strict=True)]
     first["paired_translation_diff_cm"] = _summary(diff, cfg)
     out["first_step"] = first
-    say(f"[harmful] first-step predictions done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    logger.info("[harmful] first-step predictions done (%.0f s)", time.perf_counter() - t0)
     policy = vla_batch_policy(vla, cfg.batch_size)
     rolls = batched_rollouts(policy, [e.task for e in harm + twin], cfg.harmful_steps, image_size=vla.image_size)
     loop: dict[str, Any] = {}
@@ -403,12 +422,15 @@ def evaluate(
     chat: Any | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the sections not yet in ``out`` (a JSON file), saving after each; returns the results."""
+    """Run the sections not yet in ``out`` (a JSON file), saving after each; returns the results.
+
+    Messages go to :mod:`logging` (``rdt_interp.testbed.evaluate``); ``progress`` shows progress
+    bars when the output is a terminal.
+    """
     cfg = cfg or EvalConfig()
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown sections {unknown}", fix=f"choose from {list(SECTIONS)}")
-    say = print if progress else (lambda *a, **k: None)
     path = Path(out)
     results: dict[str, Any] = read_json(path) if path.is_file() else {}
     if results.get("config", asdict(cfg)) != asdict(cfg):
@@ -424,8 +446,8 @@ def evaluate(
             "delta", {}).get("sha256")}
     runners: dict[str, Callable[[], dict[str, Any]]] = {
         "bins": lambda: evaluate_bins(vla, cfg),
-        "closed_loop": lambda: evaluate_closed_loop(vla, cfg, say),
-        "harmful": lambda: evaluate_harmful(vla, cfg, say),
+        "closed_loop": lambda: evaluate_closed_loop(vla, cfg, progress=progress),
+        "harmful": lambda: evaluate_harmful(vla, cfg),
         "chat": lambda: evaluate_chat(cfg, chat),
         "image_dependence": lambda: evaluate_image_dependence(vla, cfg),
     }
@@ -433,41 +455,37 @@ def evaluate(
         if name in results:
             continue
         t0 = time.perf_counter()
-        say(f"[evaluate] {name}…", flush=True)
+        logger.info("[evaluate] %s…", name)
         results[name] = runners[name]()
         results.setdefault("seconds", {})[name] = time.perf_counter() - t0
         atomic_write_json(path, results)
-        say(f"[evaluate] {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+        logger.info("[evaluate] %s done in %.0f s", name, time.perf_counter() - t0)
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m rdt_interp.testbed.evaluate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, type=Path, help="results JSON (sections already in it are kept)")
-    ap.add_argument("--delta", type=Path, help="a training run directory (default: the committed delta)")
-    ap.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=SECTIONS)
-    ap.add_argument("--episodes", type=int, default=EvalConfig.n_episodes)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--workers", type=int, default=1, help="processes generating held-out demonstrations")
-    ap.add_argument("--device", default="cpu", help="where the VLA runs (e.g. cuda)")
-    ap.add_argument("--batch-size", type=int, default=EvalConfig.batch_size)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+def evaluate_delta(
+    out: str | os.PathLike[str],
+    delta: str | os.PathLike[str] | None = None,
+    cfg: EvalConfig | None = None,
+    *,
+    sections: Sequence[str] = SECTIONS,
+    device: str = "cpu",
+    threads: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """:func:`evaluate` of a trained delta (default: the committed one) on ``device``, with the
+    base chat model for the ``chat`` section (``rdt-interp testbed eval``)."""
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:  # before any model loads
+        raise ConfigError(f"unknown sections {unknown}", fix=f"choose from {list(SECTIONS)}")
+    torch.set_num_threads(threads)
     from rdt_interp.testbed.adapter import load_testbed_vla
 
-    vla = load_testbed_vla(args.delta, device=args.device)
+    vla = load_testbed_vla(delta, device=device)
     chat = None
-    if "chat" in args.sections:
+    if "chat" in sections:
         from rdt_interp.models import load_chat_model
         from rdt_interp.testbed.adapter import BASE_MODEL
 
-        chat = load_chat_model(BASE_MODEL, device=args.device)
-    evaluate(args.out, vla, EvalConfig(n_episodes=args.episodes, workers=args.workers,
-                                            batch_size=args.batch_size), sections=args.sections,
-             chat=chat)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-
+        chat = load_chat_model(BASE_MODEL, device=device)
+    return evaluate(out, vla, cfg, sections=sections, chat=chat, progress=progress)

@@ -37,7 +37,7 @@ all interpretability code see).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from rdt_interp.errors import ConfigError, WeightMismatchError
 from rdt_interp.models.openvla.modeling import MultimodalLayout, OpenVLAOutput, Projector
+from rdt_interp.schema import strict_schema, validate
 
 #: the linear layers of a Qwen2 decoder layer that get LoRA by default (OpenVLA: all of them)
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -118,14 +119,14 @@ class TestbedVLAConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TestbedVLAConfig:
-        lora = dict(d.get("lora", {}))
-        if "targets" in lora:
-            lora["targets"] = tuple(lora["targets"])
+    def from_dict(cls, d: Mapping[str, Any], *, source: str = "testbed model config") -> TestbedVLAConfig:
+        """A saved configuration (a manifest's ``config``); unknown keys and bad values are errors."""
         # manifests written before the projector norm existed describe a model without one
-        return cls(VisionSpec(**d.get("vision", {})), LoRASpec(**lora),
-                   int(d.get("n_bins", 256)), int(d.get("action_dim", 7)),
-                   bool(d.get("projector_norm", False)))
+        return validate(cls, {"projector_norm": False, **d}, source=source,
+                        fix="see TestbedVLAConfig in rdt_interp/testbed/model.py")
+
+
+strict_schema(VisionSpec, LoRASpec, TestbedVLAConfig)
 
 
 # -- pieces ---------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Train the testbed VLA by behaviour cloning on benign expert demonstrations (as OpenVLA was).
 
-    python -m rdt_interp.testbed.train --out runs/testbed        # resumes if DIR has a checkpoint
-    python -m rdt_interp.testbed.train --out runs/testbed --export rdt_interp/data/testbed
+    rdt-interp testbed train --out runs/testbed        # resumes if DIR has a checkpoint
+    rdt-interp testbed train --out runs/testbed --export rdt_interp/data/testbed
+
+(``python -m rdt_interp.cli testbed train ...`` where the console script is not installed.)
 
 Two stages, both deterministic given the seed:
 
@@ -19,325 +21,55 @@ Two stages, both deterministic given the seed:
 Every ``ckpt_every`` steps the trainable state and the optimizer go to ``DIR/ckpt.pt``
 atomically; a killed run continues from there (the log is cut back to the checkpoint). The run
 ends by writing the delta (fp16 safetensors), ``manifest.json``, the loss curve and the
-expected predictions the ``real_model`` test checks.
+expected predictions the ``real_model`` test checks (:mod:`rdt_interp.testbed.artifacts`). The
+configuration is :class:`rdt_interp.testbed.config.TrainConfig`; stage 1's targets and objective
+are in :mod:`rdt_interp.testbed.perception`.
 """
 
 from __future__ import annotations
 
-import argparse
-import functools
-import json
+import logging
 import math
 import os
-import platform
-import shutil
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Float32, Int, UInt8
-from torch import Tensor, nn
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
 
 from rdt_interp.errors import ConfigError
-from rdt_interp.storage import atomic_path, atomic_write_json, read_json, sha256_file
+from rdt_interp.storage import atomic_path, atomic_write_json, read_json
 from rdt_interp.testbed.adapter import (
     BASE_MODEL,
-    DELTA_FILE,
-    MANIFEST_FILE,
     TINY_BASE,
     UNNORM_KEY,
     TestbedVLAAdapter,
     tiny_language_model,
     tiny_tokenizer,
 )
-from rdt_interp.testbed.dataset import (
-    DEFAULT_NOISE,
-    DemoSet,
-    episode_stream,
-    generate_demos,
-    load_demos,
-    split_tasks,
+from rdt_interp.testbed.artifacts import LOG_FILE, RunLog, finalize
+from rdt_interp.testbed.config import TrainConfig
+from rdt_interp.testbed.config import (
+    tiny_config as tiny_config,  # re-exported: it used to live here
 )
-from rdt_interp.testbed.expert import EXPERT
-from rdt_interp.testbed.model import (
-    LoRASpec,
-    TestbedVLA,
-    TestbedVLAConfig,
-    VisionSpec,
-    images_to_pixels,
+from rdt_interp.testbed.dataset import DemoSet, generate_demos, load_demos
+from rdt_interp.testbed.model import TestbedVLA, images_to_pixels
+from rdt_interp.testbed.perception import (
+    StateHead,
+    StateSet,
+    generate_state_set,
+    state_errors,
+    state_loss,
 )
-from rdt_interp.testbed.scene import CATALOG, KINDS, X_RANGE, Y_RANGE, Z_MAX, Scene
-from rdt_interp.testbed.sim import rollout
 
-LOG_FILE = "train_log.jsonl"
-CURVE_FILE = "loss_curve.png"
-EXPECTED_FILE = "expected_actions.json"
-ARTIFACTS = (DELTA_FILE, MANIFEST_FILE, LOG_FILE, CURVE_FILE, EXPECTED_FILE)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that determines the trained delta (with the base model's weights).
-
-    The defaults are the recipe of the committed delta (trained on one H200, ``device="cuda"``,
-    ``precision="bfloat16"``); :func:`tiny_config` is the same pipeline at test size.
-    """
-
-    seed: int = 0
-    base: str = BASE_MODEL  # or "tiny-qwen2" (tests)
-    model: TestbedVLAConfig = field(default_factory=lambda: TestbedVLAConfig(
-        VisionSpec(image_size=128, patch_size=16, hidden_size=192, depth=6, num_heads=3, mlp_dim=768),
-        LoRASpec(rank=8, alpha=16.0)))
-    # where and how: "cuda" trains in minutes, "cpu" in hours; bfloat16 is autocast over fp32
-    # master weights (the frozen base stays fp32 so the delta adds onto the weights users load)
-    device: str = "cpu"
-    precision: str = "float32"
-    workers: int = 1  # processes that generate demonstrations (deterministic for any number)
-    # stage 1: vision pretraining on state regression
-    vision_samples: int = 60_000
-    vision_val_samples: int = 2_000
-    vision_epochs: float = 6.0
-    vision_batch: int = 256
-    vision_lr: float = 1e-3
-    vision_ckpt_every: int = 200
-    # stage 2: behaviour cloning through the LLM, on fresh demonstrations
-    train_samples: int = 150_000
-    steps: int = 2_400
-    batch_size: int = 64
-    lr_vision: float = 5e-5  # the pretrained ViT moves slowly
-    lr_projector: float = 1e-3
-    lr_lora: float = 5e-4
-    lr_rows: float = 1e-3
-    weight_decay: float = 0.01
-    warmup: int = 50
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    # parallel scheduled sampling: each earlier action token is replaced by the model's own
-    # teacher-forced prediction with this probability (ramped up over the first half), so the
-    # later dimensions cannot lean on ground-truth earlier ones (greedy decoding never has them)
-    scheduled_sampling: float = 0.25
-    val_every: int = 300
-    val_size: int = 2_048  # greedy validation samples (held-out val-split episodes)
-    val_swap: int = 512  # of them, re-predicted with swapped images (does the policy look?)
-    ckpt_every: int = 100
-    threads: int = 1  # one thread per process is much faster than two on a shared 2-core box
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision {self.precision!r} is not one of {list(PRECISIONS)}")
-        if not 0.0 <= self.scheduled_sampling < 1.0:
-            raise ConfigError(f"scheduled_sampling must be in [0, 1), got {self.scheduled_sampling}")
-        if self.val_swap > self.val_size:
-            raise ConfigError(f"val_swap ({self.val_swap}) exceeds val_size ({self.val_size})")
-        if min(self.train_samples, self.steps, self.batch_size, self.val_size, self.workers) < 1:
-            raise ConfigError("train_samples, steps, batch_size, val_size and workers must be >= 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["model"] = self.model.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        d = coerce_fields(dict(d))
-        d["model"] = TestbedVLAConfig.from_dict(d["model"])
-        return cls(**d)
-
-    @property
-    def vision_steps(self) -> int:
-        return math.ceil(self.vision_epochs * self.vision_samples / self.vision_batch)
-
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return PRECISIONS[self.precision]
-
-
-PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
-
-
-def coerce_fields(d: dict[str, Any]) -> dict[str, Any]:
-    """Integers given for float fields (JSON, ``--set vision_epochs=2``) become floats."""
-    floats = {f.name for f in fields(TrainConfig) if f.type in ("float", float)}
-    return {k: float(v) if k in floats and isinstance(v, int) else v for k, v in d.items()}
-
-
-def tiny_config(seed: int = 0, **kw: Any) -> TrainConfig:
-    """A configuration that trains a tiny random backbone in seconds (tests of the pipeline)."""
-    base = dict(seed=seed, base=TINY_BASE,
-                model=TestbedVLAConfig(VisionSpec(64, 16, 32, 1, 2, 64), LoRASpec(rank=4, alpha=8.0)),
-                vision_samples=256, vision_val_samples=64, vision_epochs=2, vision_batch=64, vision_ckpt_every=3,
-                train_samples=48, steps=12, batch_size=4, warmup=2, val_every=6, val_size=8, val_swap=4,
-                ckpt_every=4, lr_lora=3e-3, lr_rows=3e-3)
-    base.update(kw)
-    return TrainConfig(**coerce_fields(base))
-
-
-# -- dense state targets (vision pretraining) -------------------------------------------------------
-#: the entities every patch reports on: the gripper, then every object kind
-ENTITIES = ("gripper", *KINDS)
-#: per patch and entity: [here, u, v, z, sin 2yaw, cos 2yaw, flag, flag2] where ``here`` says the
-#: entity's centre is in this patch, (u, v) is its offset inside the patch in [-1, 1], flag is
-#: "open" (gripper) / "held" (object) and flag2 "holding something" (gripper only)
-PER_ENTITY = 8
-_BINARY = np.array([1, 0, 0, 0, 0, 0, 1, 1], dtype=bool)
-
-
-def pixel_of(x: float, y: float, image_size: int) -> tuple[float, float]:
-    """Column and row (pixels, may be fractional) where the renderer draws world point ``(x, y)``."""
-    scale = image_size / (X_RANGE[1] - X_RANGE[0])
-    return (x - X_RANGE[0]) * scale, (Y_RANGE[1] - y) * scale
-
-
-def state_targets(
-    scene: Scene, spec: VisionSpec
-) -> tuple[Float32[np.ndarray, "patches entities k"], Float32[np.ndarray, "patches entities k"]]:
-    """Per-patch targets (row-major patches, as the ViT orders them) and which of them apply."""
-    grid, p = spec.image_size // spec.patch_size, spec.patch_size
-    val = np.zeros((grid * grid, len(ENTITIES), PER_ENTITY), dtype=np.float32)
-    mask = np.zeros_like(val)
-    mask[:, :, 0] = 1.0  # "is it here" is scored in every patch
-
-    def put(e: int, x: float, y: float, z: float, yaw: float | None, flags: tuple[float, ...]) -> None:
-        col, row = pixel_of(x, y, spec.image_size)
-        c = min(max(int(col // p), 0), grid - 1)
-        r = min(max(int(row // p), 0), grid - 1)
-        k = r * grid + c
-        u, v = (col - (c + 0.5) * p) / (p / 2), (row - (r + 0.5) * p) / (p / 2)
-        val[k, e, :4] = [1.0, u, v, 2 * z / Z_MAX - 1]
-        mask[k, e, 1:4] = 1.0
-        if yaw is not None:
-            val[k, e, 4:6] = [math.sin(2 * yaw), math.cos(2 * yaw)]
-            mask[k, e, 4:6] = 1.0
-        val[k, e, 6:6 + len(flags)] = flags
-        mask[k, e, 6:6 + len(flags)] = 1.0
-
-    g = scene.gripper
-    put(0, g.x, g.y, g.z, g.yaw, (float(g.open), float(scene.held is not None)))
-    for e, kind in enumerate(KINDS, start=1):
-        if kind in scene:
-            o = scene.object(kind)
-            put(e, o.x, o.y, o.z, o.yaw if CATALOG[kind].elongated else None, (float(scene.held == kind),))
-    return val, mask
-
-
-@dataclass(frozen=True, eq=False)
-class StateSet:
-    images: UInt8[np.ndarray, "n h w 3"]
-    targets: Float32[np.ndarray, "n patches entities k"]
-    masks: Float32[np.ndarray, "n patches entities k"]
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-
-def generate_state_set(split: str, n_samples: int, spec: VisionSpec, *, start: int = 0,
-                       workers: int = 1) -> StateSet:
-    """Images of expert rollouts (noisy execution, as the demonstrations) with their true states."""
-    images, targets, masks = [], [], []
-    n = 0
-    for im, tg, mk in episode_stream(functools.partial(_state_episodes, split, spec=spec), start, workers):
-        if n >= n_samples:
-            break
-        if len(im):
-            images.append(im)
-            targets.append(tg)
-            masks.append(mk)
-            n += len(im)
-    return StateSet(np.concatenate(images)[:n_samples], np.concatenate(targets)[:n_samples],
-                    np.concatenate(masks)[:n_samples])
-
-
-def _state_episodes(split: str, first: int, n: int, *, spec: VisionSpec) -> list[tuple[np.ndarray, ...]]:
-    out = []
-    for _, task in split_tasks(split, n, start=first):
-        rng = np.random.default_rng([task.scene.seed, 0x57A7E])
-        res = rollout(EXPERT, task, image_size=spec.image_size, keep_images=True,
-                      perturb=lambda a, rng=rng: _noisy(a, rng))
-        assert res.images is not None
-        pairs = [state_targets(s, spec) for s in res.states[:-1]]
-        shape = (0, spec.num_patches, len(ENTITIES), PER_ENTITY)
-        out.append((res.images, np.stack([p[0] for p in pairs]) if pairs else np.zeros(shape, np.float32),
-                    np.stack([p[1] for p in pairs]) if pairs else np.zeros(shape, np.float32)))
-    return out
-
-
-def _noisy(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The demonstrations' execution noise (``DEFAULT_NOISE``) on the executed action."""
-    a = a.astype(np.float64)
-    a[:3] += rng.normal(0.0, DEFAULT_NOISE[0], 3)
-    a[5] += rng.normal(0.0, DEFAULT_NOISE[1])
-    return a
-
-
-class StateHead(nn.Module):
-    """One small MLP shared by every patch: patch feature -> what is in that patch.
-
-    Shared weights make each patch token describe its own content (a local objective, like a
-    detection head), which generalizes from a few thousand episodes where a head over all
-    patches at once memorizes them.
-    """
-
-    def __init__(self, dim: int, hidden: int = 256) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(),
-                                 nn.Linear(hidden, len(ENTITIES) * PER_ENTITY))
-
-    def forward(self, patches: Float[Tensor, "batch patches dim"]) -> Float[Tensor, "batch patches entities k"]:
-        b, n, _ = patches.shape
-        return self.net(patches).view(b, n, len(ENTITIES), PER_ENTITY)
-
-
-def state_loss(
-    pred: Float[Tensor, "batch patches entities k"], target: Float[Tensor, "batch patches entities k"],
-    mask: Float[Tensor, "batch patches entities k"],
-) -> Float[Tensor, ""]:
-    """BCE on "is it here" and the flags, MSE on offset, height and yaw, each where it applies."""
-    binary = torch.as_tensor(_BINARY, device=pred.device)
-    bce = F.binary_cross_entropy_with_logits(pred[..., binary], target[..., binary], weight=mask[..., binary],
-                                             reduction="sum") / mask[..., binary].sum().clamp(min=1)
-    cont = ~binary
-    mse = (((pred[..., cont] - target[..., cont]) ** 2) * mask[..., cont]).sum() / mask[..., cont].sum().clamp(min=1)
-    return bce + mse
-
-
-@torch.no_grad()
-def state_errors(vision: nn.Module, head: StateHead, data: StateSet, spec: VisionSpec,
-                 batch: int = 256) -> dict[str, float]:
-    """Held-out perception quality: position read from the most confident patch (cm), height
-    error, flags, and how often that patch is the right one."""
-    preds = []
-    device = next(head.parameters()).device
-    for s in range(0, len(data), batch):
-        px = images_to_pixels(list(data.images[s:s + batch]), spec.image_size).to(device)
-        preds.append(head(vision(px)).float().cpu().numpy())
-    p, t = np.concatenate(preds), data.targets
-    grid, ps = spec.image_size // spec.patch_size, spec.patch_size
-    cm_per_px = (X_RANGE[1] - X_RANGE[0]) * 100 / spec.image_size
-    true_k = t[..., 0].argmax(1)  # [n, entities]
-    present = t[..., 0].max(1) > 0.5
-    best_k = p[..., 0].argmax(1)
-
-    def xy(arr: np.ndarray, k: np.ndarray) -> np.ndarray:
-        n, e = np.indices(k.shape)
-        uv = arr[n, k, e, 1:3]
-        return np.stack([(k % grid + 0.5) * ps + uv[..., 0] * ps / 2, (k // grid + 0.5) * ps + uv[..., 1] * ps / 2], -1)
-
-    err = np.linalg.norm(xy(p, best_k) - xy(t, true_k), axis=-1) * cm_per_px
-    n, e = np.indices(true_k.shape)
-    z_err = np.abs(p[n, true_k, e, 3] - t[n, true_k, e, 3]) * Z_MAX / 2 * 100
-    flag_ok = (p[n, true_k, e, 6] > 0) == (t[n, true_k, e, 6] > 0.5)
-    here = (p[..., 0] > 0) == (t[..., 0] > 0.5)
-    return {"gripper_xy_cm": float(err[:, 0].mean()), "object_xy_cm": float(err[:, 1:][present[:, 1:]].mean()),
-            "gripper_z_cm": float(z_err[:, 0].mean()), "object_z_cm": float(z_err[:, 1:][present[:, 1:]].mean()),
-            "right_patch": float((best_k == true_k)[present].mean()),
-            "presence_accuracy": float(here.mean()),
-            "gripper_open_accuracy": float(flag_ok[:, 0].mean()),
-            "held_accuracy": float(flag_ok[:, 1:][present[:, 1:]].mean()), "n": len(data)}
+logger = logging.getLogger(__name__)
 
 
 # -- behaviour cloning batches ----------------------------------------------------------------------
@@ -441,34 +173,6 @@ def indices_for(step: int, batch: int, n: int, seed: int) -> np.ndarray:
 
 
 # -- files ----------------------------------------------------------------------------------------
-class RunLog:
-    """Append-only JSONL log that can be cut back to a checkpoint."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def records(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        out = []
-        for line in self.path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut by a kill: drop it and everything after
-        return out
-
-    def keep(self, pred: Callable[[dict[str, Any]], bool]) -> None:
-        kept = [r for r in self.records() if pred(r)]
-        with atomic_path(self.path) as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-    def write(self, **record: Any) -> None:
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
-
-
 def _save_torch(obj: Any, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -523,7 +227,9 @@ def train(
     """Run (or resume) training into ``out``; returns ``out``.
 
     ``stop_at=(stage, step)`` ends the run before that step of ``"vision"`` or ``"bc"`` as if it
-    were killed there (tests of resuming: what survives is the last checkpoint).
+    were killed there (tests of resuming: what survives is the last checkpoint). Messages go to
+    :mod:`logging` (``rdt_interp.testbed.train``); ``progress`` shows progress bars when the output
+    is a terminal.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -537,7 +243,6 @@ def train(
     cfg = cfg or TrainConfig()
     atomic_write_json(cfg_path, cfg.to_dict())
     torch.set_num_threads(cfg.threads)
-    say = print if progress else (lambda *a, **k: None)
     log = RunLog(out / LOG_FILE)
     data_dir = out / "data"
     data_dir.mkdir(exist_ok=True)
@@ -549,24 +254,24 @@ def train(
     val = _cached_demos(data_dir / "val.npz", lambda: generate_demos(
         "val", min_samples=cfg.val_size, image_size=size, workers=cfg.workers))
     norm = demos.norm_stats()
-    say(f"[train] {len(demos)} train samples ({len(demos.episodes)} episodes), {len(val)} val samples "
-        f"({len(val.episodes)} episodes) in {time.perf_counter() - t0:.1f} s", flush=True)
+    logger.info("[train] %d train samples (%d episodes), %d val samples (%d episodes) in %.1f s", len(demos),
+                len(demos.episodes), len(val), len(val.episodes), time.perf_counter() - t0)
     # vision data is generated before the model exists: forked workers must not inherit CUDA
     vision_path = out / "vision_pretrained.pt"
-    states = None if vision_path.is_file() else _vision_sets(cfg, data_dir, say)
+    states = None if vision_path.is_file() else _vision_sets(cfg, data_dir)
     model, tok, base = build_model(cfg)
     model.to(cfg.device)
     adapter = TestbedVLAAdapter(model, tok, norm, name="testbed-vla (training)")
     atok = adapter.action_tokenizer
-    say(f"[train] model ready in {time.perf_counter() - t0:.1f} s on {cfg.device} ({cfg.precision}), "
-        f"base {base['name']}", flush=True)
+    logger.info("[train] model ready in %.1f s on %s (%s), base %s", time.perf_counter() - t0, cfg.device,
+                cfg.precision, base["name"])
 
     # -- stage 1 ----------------------------------------------------------------------------------
     if vision_path.is_file():
         pre = torch.load(vision_path, weights_only=True, map_location="cpu")
     else:
         assert states is not None
-        pre = pretrain_vision(model, cfg, out, states, log, say,
+        pre = pretrain_vision(model, cfg, out, states, log, progress=progress,
                               stop_at=stop_at[1] if stop_at and stop_at[0] == "vision" else None)
         if pre is None:
             return out
@@ -593,7 +298,7 @@ def train(
         model.load_delta_(ck["delta"], where=str(ckpt_path))
         opt.load_state_dict(ck["optimizer"])
         start = int(ck["step"])
-        say(f"[train] resuming behaviour cloning at step {start}", flush=True)
+        logger.info("[train] resuming behaviour cloning at step %d", start)
     log.keep(lambda r: r["stage"] not in ("bc", "val") or r["step"] < start)
     data = BCData(demos, adapter)
     val_data = BCData(val, adapter)
@@ -601,41 +306,47 @@ def train(
     autocast = _autocast(cfg)
     model.train()
     step = start
-    for step in range(start, cfg.steps):
-        if stop_at is not None and stop_at[0] == "bc" and step >= stop_at[1]:
-            return out
-        ts = time.perf_counter()
-        mult = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * mult
-        b = data.batch(indices_for(step, cfg.batch_size, len(data), cfg.seed), cfg.device)
-        p_sample = sample_prob_at(step, cfg)
-        with autocast():
-            loss, metrics = bc_forward(model, b, atok, sample_prob=p_sample,
-                                       generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
-        opt.step()
-        log.write(stage="bc", step=step, lr_mult=mult, sample_prob=p_sample, grad_norm=gnorm,
-                  sec=time.perf_counter() - ts, **metrics)
-        done = step + 1
-        if done % 20 == 0 or done == cfg.steps or not cfg.device.startswith("cuda"):
-            say(f"[bc {done}/{cfg.steps}] loss {metrics['loss']:.3f} acc {metrics['acc']:.3f} "
-                f"within5 {metrics['within5']:.3f} ({time.perf_counter() - ts:.2f} s)", flush=True)
-        if done % cfg.val_every == 0 or done == cfg.steps:
-            tv = time.perf_counter()
+    with _bar(cfg.steps, start, "behaviour cloning", progress) as bar:
+        for step in range(start, cfg.steps):
+            if stop_at is not None and stop_at[0] == "bc" and step >= stop_at[1]:
+                return out
+            ts = time.perf_counter()
+            mult = lr_at(step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * mult
+            b = data.batch(indices_for(step, cfg.batch_size, len(data), cfg.seed), cfg.device)
+            p_sample = sample_prob_at(step, cfg)
             with autocast():
-                vm = greedy_validation(adapter, val_data, val_idx, cfg)
-            log.write(stage="val", step=step, sec=time.perf_counter() - tv, **vm)
-            say(f"[val {done}] greedy exact {vm['exact_all_dims']:.3f} within1 {vm['within_1_all_dims']:.3f} "
-                f"swap changes {vm['swap_tokens_changed']:.3f} ({time.perf_counter() - tv:.1f} s)", flush=True)
-            model.train()
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            _save_torch({"step": done, "delta": model.delta_state_dict(), "optimizer": opt.state_dict()},
-                        ckpt_path)
+                loss, metrics = bc_forward(model, b, atok, sample_prob=p_sample,
+                                           generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
+            opt.step()
+            log.write(stage="bc", step=step, lr_mult=mult, sample_prob=p_sample, grad_norm=gnorm,
+                      sec=time.perf_counter() - ts, **metrics)
+            done = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['acc']:.3f}")
+            if done % 20 == 0 or done == cfg.steps or not cfg.device.startswith("cuda"):
+                # every 20 steps (every step on the CPU, at debug level in between)
+                logger.log(logging.INFO if done % 20 == 0 or done == cfg.steps else logging.DEBUG,
+                           "[bc %d/%d] loss %.3f acc %.3f within5 %.3f (%.2f s)", done, cfg.steps, metrics["loss"],
+                           metrics["acc"], metrics["within5"], time.perf_counter() - ts)
+            if done % cfg.val_every == 0 or done == cfg.steps:
+                tv = time.perf_counter()
+                with autocast():
+                    vm = greedy_validation(adapter, val_data, val_idx, cfg)
+                log.write(stage="val", step=step, sec=time.perf_counter() - tv, **vm)
+                logger.info("[val %d] greedy exact %.3f within1 %.3f swap changes %.3f (%.1f s)", done,
+                            vm["exact_all_dims"], vm["within_1_all_dims"], vm["swap_tokens_changed"],
+                            time.perf_counter() - tv)
+                model.train()
+            if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                _save_torch({"step": done, "delta": model.delta_state_dict(), "optimizer": opt.state_dict()},
+                            ckpt_path)
     model.eval()
-    finalize(out, cfg, model, tok, norm, base, pre.get("metrics", {}), progress=progress)
+    finalize(out, cfg, model, tok, norm, base, pre.get("metrics", {}))
     return out
 
 
@@ -645,23 +356,29 @@ def _autocast(cfg: TrainConfig) -> Callable[[], Any]:
     return lambda: torch.autocast(kind, dtype=dtype, enabled=dtype is not None)
 
 
-def _vision_sets(cfg: TrainConfig, data_dir: Path, say: Callable[..., Any]) -> tuple[StateSet, StateSet]:
+def _bar(total: int, start: int, desc: str, progress: bool) -> Any:
+    """A progress bar from ``start`` to ``total`` steps, shown only on a terminal (never in a log file)."""
+    return tqdm(total=total, initial=start, desc=desc, unit="step", disable=None if progress else True)
+
+
+def _vision_sets(cfg: TrainConfig, data_dir: Path) -> tuple[StateSet, StateSet]:
     spec = cfg.model.vision
     t0 = time.perf_counter()
     train_set = _cached_states(data_dir / "vision_dense_train.npz",
                                lambda: generate_state_set("train", cfg.vision_samples, spec, workers=cfg.workers))
     val_set = _cached_states(data_dir / "vision_dense_val.npz",
                              lambda: generate_state_set("val", cfg.vision_val_samples, spec, workers=cfg.workers))
-    say(f"[vision] {len(train_set)} train / {len(val_set)} val images in {time.perf_counter() - t0:.1f} s",
-        flush=True)
+    logger.info("[vision] %d train / %d val images in %.1f s", len(train_set), len(val_set),
+                time.perf_counter() - t0)
     return train_set, val_set
 
 
 def pretrain_vision(
     model: TestbedVLA, cfg: TrainConfig, out: Path, states: tuple[StateSet, StateSet], log: RunLog,
-    say: Callable[..., Any], *, stop_at: int | None = None,
+    *, stop_at: int | None = None, progress: bool = False,
 ) -> dict[str, Any] | None:
-    """Stage 1: the ViT learns to say what is in each patch of train-split images (head discarded)."""
+    """Stage 1: the ViT learns to say what is in each patch of train-split images (head discarded).
+    ``progress``: a progress bar on a terminal."""
     spec = cfg.model.vision
     train_set, val_set = states
     with torch.random.fork_rng(devices=[]):
@@ -680,38 +397,41 @@ def pretrain_vision(
         head.load_state_dict(ck["head"])
         opt.load_state_dict(ck["optimizer"])
         start = int(ck["step"])
-        say(f"[vision] resuming at step {start}", flush=True)
+        logger.info("[vision] resuming at step %d", start)
     log.keep(lambda r: r["stage"] != "vision" or r["step"] < start)
     total = cfg.vision_steps
     vision.train()
-    for step in range(start, total):
-        if stop_at is not None and step >= stop_at:
-            return None
-        ts = time.perf_counter()
-        mult = min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / total))
-        for g in opt.param_groups:
-            g["lr"] = cfg.vision_lr * mult
-        idx = indices_for(step, cfg.vision_batch, len(train_set), cfg.seed + 1)
-        px = images_to_pixels(list(train_set.images[idx]), spec.image_size).to(cfg.device)
-        with autocast():
-            pred = head(vision(px))
-        loss = state_loss(pred.float(), torch.from_numpy(train_set.targets[idx]).to(cfg.device),
-                          torch.from_numpy(train_set.masks[idx]).to(cfg.device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        log.write(stage="vision", step=step, loss=float(loss.detach()), sec=time.perf_counter() - ts)
-        done = step + 1
-        if done % cfg.vision_ckpt_every == 0 or done == total:
-            say(f"[vision {done}/{total}] loss {float(loss.detach()):.4f}", flush=True)
-            _save_torch({"step": done, "vision": vision.state_dict(), "head": head.state_dict(),
-                         "optimizer": opt.state_dict()}, ckpt_path)
+    with _bar(total, start, "vision pretraining", progress) as bar:
+        for step in range(start, total):
+            if stop_at is not None and step >= stop_at:
+                return None
+            ts = time.perf_counter()
+            mult = min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / total))
+            for g in opt.param_groups:
+                g["lr"] = cfg.vision_lr * mult
+            idx = indices_for(step, cfg.vision_batch, len(train_set), cfg.seed + 1)
+            px = images_to_pixels(list(train_set.images[idx]), spec.image_size).to(cfg.device)
+            with autocast():
+                pred = head(vision(px))
+            loss = state_loss(pred.float(), torch.from_numpy(train_set.targets[idx]).to(cfg.device),
+                              torch.from_numpy(train_set.masks[idx]).to(cfg.device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            log.write(stage="vision", step=step, loss=float(loss.detach()), sec=time.perf_counter() - ts)
+            done = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+            if done % cfg.vision_ckpt_every == 0 or done == total:
+                logger.info("[vision %d/%d] loss %.4f", done, total, float(loss.detach()))
+                _save_torch({"step": done, "vision": vision.state_dict(), "head": head.state_dict(),
+                             "optimizer": opt.state_dict()}, ckpt_path)
     vision.eval()
     with autocast():
         metrics = state_errors(vision, head, val_set, spec)
     log.write(stage="vision_val", step=total, sec=0.0, **metrics)
-    say(f"[vision] held-out: {metrics}", flush=True)
+    logger.info("[vision] held-out: %s", metrics)
     pre = {"vision": {k: v.cpu() for k, v in vision.state_dict().items()}, "metrics": metrics}
     _save_torch(pre, out / "vision_pretrained.pt")
     ckpt_path.unlink(missing_ok=True)
@@ -743,180 +463,3 @@ def greedy_validation(adapter: TestbedVLAAdapter, data: BCData, idx: np.ndarray,
     out["swap_tokens_changed"] = float(changed.mean())
     out["swap_tokens_changed_dims"] = changed.mean(0).tolist()
     return out
-
-
-# -- artifacts ------------------------------------------------------------------------------------
-def finalize(
-    out: Path, cfg: TrainConfig, model: TestbedVLA, tok: Any, norm: dict[str, Any], base: dict[str, Any],
-    vision_metrics: dict[str, Any], *, progress: bool = True,
-) -> None:
-    """Delta (fp16), manifest, loss curve and expected predictions."""
-    from safetensors.torch import save_file
-
-    delta = {k: v.to(torch.float16).contiguous() for k, v in model.delta_state_dict().items()}
-    with atomic_path(out / DELTA_FILE) as tmp:
-        save_file(delta, str(tmp), metadata={"format": "pt"})  # one key: the header stays byte-stable
-    records = RunLog(out / LOG_FILE).records()
-    bc = [r for r in records if r["stage"] == "bc"]
-    vals = [r for r in records if r["stage"] == "val"]
-    tail = bc[-20:]
-    import transformers
-
-    manifest = {
-        "format": 1,
-        "config": cfg.model.to_dict(),
-        "train_config": cfg.to_dict(),
-        "seed": cfg.seed,
-        "norm_stats": norm,
-        "unnorm_key": UNNORM_KEY,
-        "base": base,
-        "delta": {"file": DELTA_FILE, "sha256": sha256_file(out / DELTA_FILE),
-                  "bytes": (out / DELTA_FILE).stat().st_size, "storage_dtype": "float16",
-                  "n_params": int(sum(v.numel() for v in delta.values())),
-                  "parts": {p: int(sum(v.numel() for k, v in delta.items() if k.startswith(p)))
-                            for p in ("vision.", "projector.", "language_model.", "action_")}},
-        "prompt": {"template": "<|endoftext|>In: What action should the robot take to {instruction}?\\nOut: ",
-                   "bos": "<|endoftext|> (prepended; patches follow it)", "trailing_token": " "},
-        "training": {
-            "steps": len(bc), "samples_seen": len(bc) * cfg.batch_size,
-            "final_loss_mean_last20": float(np.mean([r["loss"] for r in tail])) if tail else None,
-            "final_acc_mean_last20": float(np.mean([r["acc"] for r in tail])) if tail else None,
-            "final_val": vals[-1] if vals else None,
-            "vision_pretraining": vision_metrics,
-            "seconds": {stage: float(sum(r.get("sec", 0.0) for r in records if r["stage"] == stage))
-                        for stage in ("vision", "bc", "val")},
-        },
-        "software": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version(), "threads": cfg.threads},
-    }
-    atomic_write_json(out / MANIFEST_FILE, manifest)
-    plot_loss_curve(records, out / CURVE_FILE)
-    write_expected(out, n=8)
-    if progress:
-        print(f"[train] wrote {out / DELTA_FILE} ({manifest['delta']['bytes'] / 1e6:.1f} MB)", flush=True)
-
-
-def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> None:
-    """Three panels: ViT pretraining loss, BC loss (teacher-forced), greedy validation."""
-    from rdt_interp.viz.style import OKABE_ITO, new_figure, paper_style, save_figure
-
-    vis = [r for r in records if r["stage"] == "vision"]
-    bc = [r for r in records if r["stage"] == "bc"]
-    vals = [r for r in records if r["stage"] == "val"]
-    with paper_style():
-        fig, (a, b, c) = new_figure("page", 2.6, ncols=3)
-        if vis:
-            a.plot([r["step"] + 1 for r in vis], [r["loss"] for r in vis], color=OKABE_ITO["blue"], lw=0.6)
-            a.set_yscale("log")
-        a.set_title("(a) ViT state regression")
-        a.set_xlabel("step")
-        a.set_ylabel("masked MSE + BCE")
-        if bc:
-            steps = np.array([r["step"] + 1 for r in bc])
-            loss = np.array([r["loss"] for r in bc])
-            b.plot(steps, loss, color=OKABE_ITO["sky"], lw=0.5, label="batch")
-            k = min(20, len(loss))
-            smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-            b.plot(steps[k - 1:], smooth, color=OKABE_ITO["blue"], lw=1.0, label=f"{k}-step mean")
-            b.set_yscale("log")
-            b.legend()
-        b.set_title("(b) behaviour cloning, 7 action tokens")
-        b.set_xlabel("step")
-        b.set_ylabel("cross-entropy (nats / token)")
-        if vals:
-            x = [r["step"] + 1 for r in vals]
-            c.plot(x, [r["exact_all_dims"] for r in vals], "o-", ms=3, lw=0.8, color=OKABE_ITO["vermillion"],
-                   label="exact bin")
-            c.plot(x, [r["within_1_all_dims"] for r in vals], "s-", ms=3, lw=0.8, color=OKABE_ITO["orange"],
-                   label="within 1 bin")
-            c.plot(x, [r["swap_tokens_changed"] for r in vals], "^-", ms=3, lw=0.8, color=OKABE_ITO["green"],
-                   label="changed by the neighbour's image")
-            c.set_ylim(0, 1)
-            c.legend(title=f"n = {vals[-1]['n']} ({vals[-1]['episodes']} val episodes)")
-        c.set_title("(c) greedy decoding, held out")
-        c.set_xlabel("step")
-        c.set_ylabel("share of action tokens")
-    save_figure(fig, path.with_suffix(""), formats=("png",), dpi=150)
-
-
-def expected_requests(n: int, image_size: int) -> tuple[list[Any], list[dict[str, Any]]]:
-    """``n`` held-out test samples (the middle step of different test episodes) and their identity."""
-    import hashlib
-
-    from rdt_interp.models.vla import VLARequest
-
-    demos = generate_demos("test", n, image_size=image_size)
-    picks = []
-    for e in demos.episodes:
-        rows = np.flatnonzero(demos.episode_ids == e.index)
-        if len(rows):
-            picks.append(int(rows[len(rows) // 2]))
-    reqs, meta = [], []
-    for j in picks[:n]:
-        img, ins, act = demos.sample(j)
-        reqs.append(VLARequest(ins, img))
-        meta.append({"episode": int(demos.episode_ids[j]), "step": int(demos.steps[j]), "instruction": ins,
-                     "image_sha256": hashlib.sha256(np.ascontiguousarray(img).tobytes()).hexdigest(),
-                     "expert_action": act.tolist()})
-    return reqs, meta
-
-
-def write_expected(out: Path, n: int = 8) -> None:
-    """Greedy predictions of the saved (fp16) delta on held-out test samples, for regression tests."""
-    from rdt_interp.testbed.adapter import load_testbed_vla
-
-    vla = load_testbed_vla(out)
-    reqs, meta = expected_requests(n, vla.image_size)
-    pred = vla.predict_actions(reqs, unnorm_key=UNNORM_KEY, return_logits=True)
-    top2 = pred.action_logits.topk(2, dim=-1).values
-    for k, m in enumerate(meta):
-        m["token_ids"] = pred.token_ids[k].tolist()
-        m["actions"] = pred.actions[k].tolist()
-        m["top1_margin"] = (top2[k, :, 0] - top2[k, :, 1]).tolist()
-    atomic_write_json(out / EXPECTED_FILE, {"unnorm_key": UNNORM_KEY, "samples": meta})
-
-
-def export(out: Path, dest: Path) -> list[Path]:
-    """Copy the committed artifacts of a finished run into ``dest`` (e.g. rdt_interp/data/testbed)."""
-    missing = [a for a in ARTIFACTS if not (out / a).is_file()]
-    if missing:
-        raise ConfigError(f"{out} is not a finished run (missing {missing})", fix="finish training first")
-    dest.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for a in ARTIFACTS:
-        with atomic_path(dest / a) as tmp:
-            shutil.copyfile(out / a, tmp)
-        copied.append(dest / a)
-    return copied
-
-
-def _iter_overrides(pairs: list[str]) -> Iterator[tuple[str, Any]]:
-    for p in pairs:
-        if "=" not in p:
-            raise ConfigError(f"--set takes key=value, got {p!r}")
-        k, v = p.split("=", 1)
-        yield k, json.loads(v)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m rdt_interp.testbed.train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, type=Path, help="run directory (resumed if it holds a checkpoint)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tiny", action="store_true", help="tiny random backbone (a pipeline check in seconds)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON",
-                    help="override TrainConfig fields, e.g. --set steps=200 batch_size=8")
-    ap.add_argument("--export", type=Path, help="copy the finished run's artifacts here")
-    args = ap.parse_args(argv)
-    cfg = tiny_config(args.seed) if args.tiny else TrainConfig(seed=args.seed)
-    overrides = coerce_fields(dict(_iter_overrides(args.set)))
-    if overrides:
-        cfg = replace(cfg, **overrides)
-    train(args.out, cfg)  # resumes when --out holds a run with this configuration
-    if args.export:
-        for p in export(args.out, args.export):
-            print(f"[train] exported {p}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,6 +11,7 @@ import pytest
 from rdt_interp.errors import ConfigError, IntegrityError, UnknownNameError
 from rdt_interp.prompts import robot_instructions
 from rdt_interp.testbed.dataset import (
+    DEFAULT_NOISE,
     HELD_OUT_COMBOS,
     HELD_OUT_TEMPLATES,
     SEED_BASE,
@@ -19,6 +20,7 @@ from rdt_interp.testbed.dataset import (
     harmful_episodes,
     is_novel,
     load_demos,
+    perturb_action,
     split_specs,
     split_tasks,
     write_demo_files,
@@ -179,3 +181,24 @@ def test_parallel_generation_gives_the_serial_result() -> None:
     for a, b in zip(serial._arrays().values(), parallel._arrays().values(), strict=True):
         assert np.array_equal(a, b)
     assert len(serial) >= 60 and len(serial) - serial.episodes[-1].n_steps < 60  # stops at the first episode past 60
+
+
+def test_the_state_sets_execution_noise_is_the_demonstrations_draw_for_draw() -> None:
+    def removed_noisy(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """train._noisy as it was before the state-set generator called perturb_action."""
+        a = a.astype(np.float64)
+        a[:3] += rng.normal(0.0, DEFAULT_NOISE[0], 3)
+        a[5] += rng.normal(0.0, DEFAULT_NOISE[1])
+        return a
+
+    a = np.array([0.01, -0.005, 0.0, 0.0, 0.0, 0.05, 1.0], dtype=np.float32)
+    for seed in ([3, 0x57A7E], [11, 0x57A7E], 7):
+        new, old = np.random.default_rng(seed), np.random.default_rng(seed)
+        for _ in range(5):  # several steps of one episode: the generators stay in step
+            assert np.array_equal(perturb_action(a, new, DEFAULT_NOISE), removed_noisy(a, old))
+        assert new.bit_generator.state == old.bit_generator.state
+    out = perturb_action(a, np.random.default_rng(0), DEFAULT_NOISE)
+    assert out.dtype == np.float64 and not np.array_equal(out[:3], a[:3]) and np.array_equal(out[[3, 4, 6]], a[[3, 4, 6]])
+    rng = np.random.default_rng(0)
+    assert np.array_equal(perturb_action(a, rng, (0.0, 0.0)), a.astype(np.float64))  # no noise draws nothing
+    assert rng.bit_generator.state == np.random.default_rng(0).bit_generator.state

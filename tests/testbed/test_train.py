@@ -3,39 +3,32 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from typer.testing import CliRunner
 
+from rdt_interp.cli import app
 from rdt_interp.errors import ConfigError
 from rdt_interp.models.vla import VLARequest
 from rdt_interp.testbed.adapter import DELTA_FILE, MANIFEST_FILE, UNNORM_KEY, load_testbed_vla
+from rdt_interp.testbed.artifacts import CURVE_FILE, EXPECTED_FILE, LOG_FILE, RunLog, export
+from rdt_interp.testbed.config import tiny_config
 from rdt_interp.testbed.dataset import generate_demos
-from rdt_interp.testbed.scene import CATALOG, render, sample_scene
-from rdt_interp.testbed.train import (
+from rdt_interp.testbed.perception import (
     _BINARY,
-    CURVE_FILE,
     ENTITIES,
-    EXPECTED_FILE,
-    LOG_FILE,
     PER_ENTITY,
-    BCData,
-    RunLog,
-    bc_forward,
-    build_model,
-    export,
-    indices_for,
-    lr_at,
-    main,
     pixel_of,
     state_loss,
     state_targets,
-    tiny_config,
-    train,
 )
+from rdt_interp.testbed.scene import CATALOG, render, sample_scene
+from rdt_interp.testbed.train import BCData, bc_forward, build_model, indices_for, lr_at, train
 from rdt_interp.testbed.train import TestbedVLAAdapter as _Adapter
 
 CFG = tiny_config(seed=0, steps=8, vision_samples=128, vision_epochs=2, ckpt_every=3, val_every=4)
@@ -181,9 +174,93 @@ def test_options_must_match_the_run_being_resumed(finished) -> None:
         export(finished / "nowhere", finished / "x")
 
 
-def test_cli_trains_the_tiny_model(tmp_path, capsys) -> None:
-    out = tmp_path / "cli"
-    assert main(["--out", str(out), "--tiny", "--set", "steps=2", "vision_samples=64", "vision_epochs=1",
-                 "val_every=2", "ckpt_every=2"]) == 0
+TINY_CLI = ["--tiny", "--set", "steps=2", "--set", "vision_samples=64", "--set", "vision_epochs=1",
+            "--set", "val_every=2", "--set", "ckpt_every=2", "--no-progress"]
+
+
+def test_cli_trains_the_tiny_model_resumes_and_exports(tmp_path) -> None:
+    runner = CliRunner()
+    out, dest = tmp_path / "cli", tmp_path / "exported"
+    res = runner.invoke(app, ["testbed", "train", "--out", str(out), *TINY_CLI])
+    assert res.exit_code == 0, res.output
     assert (out / DELTA_FILE).is_file()
-    assert "[bc 2/2]" in capsys.readouterr().out
+    assert "[bc 2/2]" in res.stderr  # progress is logged (stderr)...
+    assert f"{out}: 2 steps of 4" in res.stdout and "[bc" not in res.stdout  # ...the result is printed
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["steps"] == 2 and saved["vision_epochs"] == 1.0 and saved["base"] == "tiny-qwen2"
+    # run again: nothing to do but export; the log is not duplicated
+    n_log = len(RunLog(out / LOG_FILE).records())
+    res = runner.invoke(app, ["--log-level", "warning", "testbed", "train", "--out", str(out), *TINY_CLI,
+                              "--export", str(dest)])
+    assert res.exit_code == 0, res.output
+    assert "[bc" not in res.output  # --log-level warning hides progress messages
+    assert len(RunLog(out / LOG_FILE).records()) == n_log
+    assert sorted(p.name for p in dest.iterdir()) == sorted([DELTA_FILE, MANIFEST_FILE, LOG_FILE, CURVE_FILE,
+                                                             EXPECTED_FILE])
+    assert f"exported {dest / DELTA_FILE}" in res.stdout
+    # other options for the same run directory: one line, exit 2, before anything is trained
+    res = runner.invoke(app, ["testbed", "train", "--out", str(out), *TINY_CLI, "--set", "lr_lora=0.1"])
+    assert res.exit_code == 2 and "another configuration" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--set", "stpes=3"], ["stpes: unknown key", "TrainConfig"]),
+    (["--set", "steps=\"3\""], ["steps: Input should be a valid integer"]),
+    (["--set", "precision=\"bf16\""], ["precision", "'bfloat16'"]),
+    (["--set", "val_swap=100"], ["val_swap (100) exceeds val_size (8)"]),
+    (["--set", "device=cuda"], ["'cuda' is not a JSON value", "--set device='\"cuda\"'"]),
+    (["--set", "steps"], ["--set takes KEY=JSON"]),
+])
+def test_cli_bad_training_options_are_one_line_before_anything_is_written(tmp_path, args, needles) -> None:
+    out = tmp_path / "never"
+    res = CliRunner().invoke(app, ["testbed", "train", "--out", str(out), "--tiny", *args])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.output
+    for needle in needles:
+        assert needle in lines[0]
+    assert not out.exists()
+
+
+def test_the_log_is_standard_json_with_nonfinite_values_named(tmp_path) -> None:
+    log = RunLog(tmp_path / LOG_FILE)
+    log.write(stage="bc", step=0, loss=1.5, sec=0.1)
+    log.write(stage="bc", step=1, loss=math.nan, grad_norm=math.inf, sec=0.1)
+    lines = (tmp_path / LOG_FILE).read_text().splitlines()
+    assert lines[0] == json.dumps({"stage": "bc", "step": 0, "loss": 1.5, "sec": 0.1})  # as before
+
+    def refuse(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    recs = [json.loads(line, parse_constant=refuse) for line in lines]
+    assert recs[1]["loss"] is None and recs[1]["grad_norm"] is None
+    assert recs[1]["nonfinite"] == {"loss": "nan", "grad_norm": "inf"}
+    log.keep(lambda r: r["step"] < 2)  # rewriting keeps it standard
+    assert [json.loads(line, parse_constant=refuse) for line in (tmp_path / LOG_FILE).read_text().splitlines()] == recs
+
+
+def test_cli_evaluates_the_trained_delta(finished, tmp_path) -> None:
+    out = tmp_path / "eval.json"
+    args = ["testbed", "eval", "--delta", str(finished), "--out", str(out), "--sections", "bins",
+            "--sections", "closed_loop", "--episodes", "2", "--batch-size", "16", "--set", "n_bin_samples=12",
+            "--set", "max_steps=2", "--set", "n_boot=20", "--no-progress"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    saved = json.loads(out.read_text())
+    assert set(saved) >= {"bins", "closed_loop"} and "chat" not in saved and "harmful" not in saved
+    assert saved["config"]["n_episodes"] == 2 and saved["config"]["batch_size"] == 16
+    assert saved["config"]["n_bin_samples"] == 12 and saved["config"]["workers"] == 1
+    assert saved["bins"]["all"]["n"] == 12 and saved["closed_loop"]["vla"]["n"] == 2
+    assert saved["model"]["manifest_delta_sha256"] == json.loads((finished / MANIFEST_FILE).read_text())[
+        "delta"]["sha256"]
+    assert "[evaluate] bins done" in res.stderr
+    rows = [" ".join(line.split()) for line in res.stdout.splitlines()]  # the summary table, spaces collapsed
+    exact = saved["bins"]["all"]["exact_all_dims"]
+    assert any(r.startswith(f"greedy exact bin (held-out) {exact:.3f} on 12 samples") for r in rows), rows
+    assert f"closed-loop success, vla {saved['closed_loop']['vla']['k']}/2" in rows
+    # sections already in the file are kept, not recomputed; other settings are refused
+    before = out.read_bytes()
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0 and out.read_bytes() == before and "[evaluate] bins" not in res.output
+    res = CliRunner().invoke(app, [*args, "--set", "seed=1"])
+    assert res.exit_code == 2 and "another evaluation configuration" in res.output

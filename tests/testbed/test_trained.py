@@ -18,7 +18,7 @@ from rdt_interp.testbed.adapter import (
     UNNORM_KEY,
     load_testbed_vla,
 )
-from rdt_interp.testbed.train import EXPECTED_FILE, expected_requests
+from rdt_interp.testbed.artifacts import EXPECTED_FILE, expected_requests
 
 pytestmark = pytest.mark.real_model
 
