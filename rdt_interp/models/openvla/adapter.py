@@ -26,10 +26,10 @@ from rdt_interp.models.action_tokenizer import ActionTokenizer
 from rdt_interp.models.adapter import (
     EncodedBatch,
     PaddingSide,
-    find_decoder_layers,
     pad_sequences,
     position_ids_from_mask,
 )
+from rdt_interp.models.architectures import model_components
 from rdt_interp.models.openvla.config import OpenVLAConfig
 from rdt_interp.models.openvla.modeling import (
     MultimodalLayout,
@@ -71,29 +71,32 @@ class OpenVLAAdapter(VLAAdapter):
         self._prompt = OpenVLAPrompt.for_tokenizer(tokenizer, empty_token_id) if tokenizer is not None else None
         self._action_tokenizer = ActionTokenizer.from_openvla_config(self.config.to_dict())
         n = int(self.config.text_config["num_hidden_layers"])
-        path, self._layers = find_decoder_layers(model.language_model, n)
-        self._layers_path = f"language_model.{path}"
+        self.components = model_components(model, n_layers=n)
 
     # -- structure -----------------------------------------------------------------------------
     @property
     def layers(self) -> nn.ModuleList:
-        return self._layers
+        return self.components.layers
 
     @property
     def layers_path(self) -> str:
-        return self._layers_path
+        return self.components.paths.layers
 
     @property
     def d_model(self) -> int:
         return self.config.llm_dim
 
     @property
+    def embed(self) -> nn.Module:
+        return self.components.embed
+
+    @property
     def final_norm(self) -> nn.Module:
-        return self.model.language_model.get_decoder().norm
+        return self.components.final_norm
 
     @property
     def lm_head(self) -> nn.Module:
-        return self.model.language_model.get_output_embeddings()
+        return self.components.lm_head
 
     @property
     def action_tokenizer(self) -> ActionTokenizer:
