@@ -143,6 +143,14 @@ class Labeled:
         return cls(torch.cat([xp, xn]), y, layers, positions, split, model)
 
     @classmethod
+    def from_roles(cls, captured: Any, y: Any, *, split: str, roles: Sequence[str] | None = None) -> Labeled:
+        """The grid of a VLA role capture (:class:`rdt_interp.tracing.vla.RoleActivations`, read
+        structurally): positions are role names, ``roles`` picks and orders them (default: all)."""
+        names = captured.role_names(roles)
+        return cls(captured.grid(names), torch.as_tensor(y), captured.layers, names, split,
+                   dict(captured.model))
+
+    @classmethod
     def stack_positions(cls, *parts: Labeled) -> Labeled:
         """Join captures of the same prompts at different positions (e.g. last text, first action)."""
         if not parts:
@@ -270,6 +278,7 @@ class LinearProbe:
         meta: dict[str, Any] | None = None,
     ) -> LinearProbe:
         """L2 logistic regression on standardized features (scikit-learn, lbfgs)."""
+        # lazy: scikit-learn takes seconds to import; only fitting needs it
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
         from threadpoolctl import threadpool_limits

@@ -14,6 +14,7 @@ from rdt_interp.directions.direction import Direction, Provenance
 from rdt_interp.errors import ConfigError, DModelMismatchError
 from rdt_interp.models.adapter import ModelAdapter
 from rdt_interp.prompts import PromptSet, instructions
+from rdt_interp.roles import Role
 from rdt_interp.storage import digest_strings
 from rdt_interp.tracing.capture import Activations, capture
 
@@ -103,8 +104,6 @@ def extract_candidates(
 
 
 def _count_role(model: ModelAdapter, text: str, role: str) -> int:
-    from rdt_interp.roles import Role
-
     batch = model.encode([text])
     flag = int(Role.from_name(role))
     n = int(((batch.roles[0] & flag) != 0).sum())

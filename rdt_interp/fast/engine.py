@@ -43,6 +43,8 @@ from rdt_interp.fast.decoder import (
 )
 from rdt_interp.fast.steering import SteeringBuffers, SteeringLayout
 from rdt_interp.models.adapter import EncodedBatch, ModelAdapter
+from rdt_interp.models.openvla.modeling import MultimodalLayout, OpenVLAModel
+from rdt_interp.models.vla import ActionPrediction, VLAAdapter
 from rdt_interp.roles import Role
 from rdt_interp.tracing.generation import Generation
 from rdt_interp.tracing.interventions import Site
@@ -171,8 +173,6 @@ class FastGenerator:
         fuse_projections: bool | None = None,
         warmup: int = 2,
     ) -> None:
-        from rdt_interp.models.openvla.modeling import OpenVLAModel
-
         self.adapter = adapter
         self.device = adapter.device
         self.dtype = adapter.dtype
@@ -296,10 +296,8 @@ class FastGenerator:
         unnorm_key: str | None = None,
         interventions: Sequence[Any] = (),
         return_logits: bool = False,
-    ) -> Any:
+    ) -> ActionPrediction:
         """:meth:`VLAAdapter.predict_actions` on the fast path (same tokens, same decoding)."""
-        from rdt_interp.models.vla import ActionPrediction, VLAAdapter
-
         ad = self.adapter
         if not isinstance(ad, VLAAdapter):
             raise ConfigError(f"{ad.name} is not a VLA adapter", fix="use generate() for chat models")
@@ -307,12 +305,7 @@ class FastGenerator:
             raise ConfigError(f"this generator emits {self.n_tokens} tokens, the VLA needs {ad.action_dim}")
         gen = self.generate(ad.encode(requests, padding_side="left"), interventions=interventions,
                             return_logits=return_logits)
-        tok = ad.action_tokenizer
-        bins = tok.ids_to_bins(gen.tokens)
-        normalized = tok.bins_to_normalized(bins).float()
-        actions = tok.unnormalize(normalized, unnorm_key).float() if unnorm_key else None
-        logits = gen.logits[..., tok.token_ids.to(gen.logits.device)] if gen.logits is not None else None
-        return ActionPrediction(gen.tokens, bins, normalized, actions, logits)
+        return ad.decode_actions(gen.tokens, gen.logits, unnorm_key=unnorm_key)
 
     @torch.no_grad()
     def step_times(
@@ -420,8 +413,6 @@ class FastGenerator:
                 raise ConfigError(f"input_ids {tuple(ids.shape)} and the attention mask {tuple(mask.shape)} differ")
             self.ids[:b, :length].copy_(F.pad(ids, (pad, 0)))
             return
-        from rdt_interp.models.openvla.modeling import MultimodalLayout
-
         ids = batch.inputs["input_ids"].to(dev)
         text_mask = batch.inputs["attention_mask"].to(dev)
         pixels = batch.inputs.get("pixel_values")
@@ -449,8 +440,6 @@ class FastGenerator:
         if not self.multimodal:
             ids = self.ids[:b, :length]
             return lambda: emb(ids)
-        from rdt_interp.models.openvla.modeling import MultimodalLayout
-
         model = self.adapter.model
         text_ids = self.text_ids[:b, :length - self.n_patches]
         layout = MultimodalLayout(self.text_index[:b, :length], self.patch_index[:b, :length],
@@ -634,7 +623,7 @@ def _stream_ctx(device: torch.device) -> Iterator[Any]:
 @contextlib.contextmanager
 def _dynamo_limits() -> Iterator[None]:
     """Room for one compiled variant per (batch size, bucket, steering sites) of a layer."""
-    import torch._dynamo
+    import torch._dynamo  # lazy: the compiler stack loads only when a layer is compiled
 
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"

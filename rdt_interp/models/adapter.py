@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from rdt_interp.errors import TokenizerMismatchError
 from rdt_interp.roles import Role
 
 PaddingSide = Literal["left", "right"]
@@ -238,8 +239,6 @@ class ModelAdapter(abc.ABC):
             The batch's :attr:`EncodedBatch.tokenizer_id` differs from :meth:`tokenizer_id`, or
             (for a batch on the host) a token id is not in the model's vocabulary.
         """
-        from rdt_interp.errors import TokenizerMismatchError
-
         fix = "encode the requests with this model's own adapter: adapter.encode(requests)"
         mine = self.tokenizer_id()
         if batch.tokenizer_id is not None and mine is not None and batch.tokenizer_id != mine:

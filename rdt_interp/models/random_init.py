@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -87,19 +87,3 @@ def build_random(factory: Callable[[], M], *, dtype: torch.dtype, device: torch.
     materialize_(model, device, dtype)
     fill_random_(model, seed, std)
     return model.eval()
-
-
-def random_llama_chat(*, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda",
-                      seed: int = 0, **overrides: Any):
-    """A Llama-2-7b-chat-shaped :class:`ChatModel` with random weights (byte tokenizer, Llama-2
-    chat template) for benchmarks at real scale."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from rdt_interp.models.chat import ChatModel
-    from rdt_interp.models.tiny import TINY_SPECS, byte_tokenizer
-
-    tok = byte_tokenizer(TINY_SPECS["tiny-llama"])
-    cfg = LlamaConfig(**{**LLAMA2_7B, **overrides}, pad_token_id=tok.pad_token_id,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    model = build_random(lambda: LlamaForCausalLM(cfg), dtype=dtype, device=device, seed=seed)
-    return ChatModel(model, tok, name="llama-2-7b-random", random_weights=True)

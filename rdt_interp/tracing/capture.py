@@ -24,8 +24,10 @@ from tqdm.auto import tqdm
 from rdt_interp.errors import ConfigError, IntegrityError
 from rdt_interp.models.adapter import ModelAdapter
 from rdt_interp.roles import Selector
-from rdt_interp.storage import cache_dir, digest_strings, load_tensors, save_tensors
+from rdt_interp.storage import cache_dir, digest_strings, digest_tensor, load_tensors, save_tensors
+from rdt_interp.tracing.generation import make_runner
 from rdt_interp.tracing.interventions import Intervention, Site, StepContext
+from rdt_interp.tracing.lens import capture_with_lens
 from rdt_interp.tracing.recorder import Recorder
 
 log = logging.getLogger(__name__)
@@ -180,8 +182,6 @@ def _text_of(prompt: Any) -> str:
 
 
 def _intervention_tag(iv: Intervention) -> str:
-    from rdt_interp.storage import digest_tensor
-
     fields = {k: v for k, v in vars(iv).items() if k not in ("direction", "basis")}
     return f"{type(iv).__name__}:{digest_tensor(iv.direction)}:{sorted(fields.items(), key=str)}"
 
@@ -200,11 +200,7 @@ def _capture_batch(
     if backend == "transformer_lens":
         if interventions:
             raise ConfigError("the transformer_lens backend captures without interventions")
-        from rdt_interp.tracing.lens import capture_with_lens
-
         return capture_with_lens(adapter, batch, layers, sel, site)
-    from rdt_interp.tracing.generation import make_runner
-
     rec = Recorder(layers, site, sel, device=None)
     with make_runner(backend, adapter, interventions, [rec]) as runner:
         runner.forward(adapter.prefill_kwargs(batch, use_cache=False), StepContext("prefill", batch.roles),

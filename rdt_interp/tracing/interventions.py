@@ -17,18 +17,28 @@ import math
 import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from rdt_interp.directions.direction import Direction
 from rdt_interp.errors import ConfigError, DModelMismatchError
 from rdt_interp.models.adapter import to_device
 from rdt_interp.roles import ANY_REAL, Role, role_mask
 
 Phase = Literal["prefill", "decode", "both"]
+
+
+@runtime_checkable
+class DirectionLike(Protocol):
+    """What carries its tensor as ``.vector``: a :class:`rdt_interp.directions.Direction`.
+
+    Structural, so the tracing core does not import the directions layer built on top of it.
+    """
+
+    @property
+    def vector(self) -> Tensor: ...
 
 
 class Site(enum.StrEnum):
@@ -64,7 +74,7 @@ class StepContext:
     step: int = 0
 
 
-def _as_vector(direction: Tensor | Direction) -> Tensor:
+def _as_vector(direction: Tensor | DirectionLike) -> Tensor:
     """The direction's tensor; NaN/inf is refused here, since it would steer silently into
     garbage tokens (a :class:`Direction` checks this too, a raw tensor did not)."""
     vec = getattr(direction, "vector", direction)
@@ -102,7 +112,7 @@ class AddDirection:
     ``alpha`` is a number, or one number per batch row (a 1-D tensor) for per-row steering.
     """
 
-    direction: Tensor | Direction
+    direction: Tensor | DirectionLike
     alpha: float | Tensor
     layers: int | Sequence[int]
     roles: Role = ANY_REAL
@@ -153,7 +163,7 @@ class AblateDirection:
     attention and MLP outputs, at all positions, in prefill and decode.
     """
 
-    direction: Tensor | Direction
+    direction: Tensor | DirectionLike
     layers: Sequence[int] | None = None  # None: every layer
     sites: tuple[Site, ...] = (Site.RESID_PRE, Site.ATTN_OUT, Site.MLP_OUT)
     phase: Phase = "both"
@@ -216,13 +226,13 @@ class InterventionPlan:
         return h
 
 
-def rdt(direction: Tensor | Direction, alpha_act: float, layers: int | Sequence[int]) -> list[Intervention]:
+def rdt(direction: Tensor | DirectionLike, alpha_act: float, layers: int | Sequence[int]) -> list[Intervention]:
     """RDT: add ``alpha_act * r`` at action positions during decoding."""
     return [AddDirection(direction, alpha_act, layers, roles=Role.ACTION, phase="decode")]
 
 
 def rdt_plus(
-    direction: Tensor | Direction,
+    direction: Tensor | DirectionLike,
     alpha_act: float,
     alpha_text: float,
     layers: int | Sequence[int],

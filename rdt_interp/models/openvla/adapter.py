@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+from transformers import AutoTokenizer
 
 from rdt_interp.errors import CheckpointError, ConfigError
 from rdt_interp.models.action_tokenizer import ActionTokenizer
@@ -40,6 +41,7 @@ from rdt_interp.models.openvla.modeling import (
 from rdt_interp.models.openvla.processor import OpenVLAImageProcessor
 from rdt_interp.models.openvla.prompt import OpenVLAPrompt
 from rdt_interp.models.openvla.weights import SafetensorsCheckpoint, load_weights
+from rdt_interp.models.tiny import TINY_SPECS, byte_tokenizer
 from rdt_interp.models.vla import VLAAdapter, VLARequest
 from rdt_interp.roles import Role
 
@@ -213,8 +215,6 @@ def load_openvla(
     model = build_empty_model(config, dtype=dtype, device=device)
     load_weights(model, ckpt, where=str(root))
     if tokenizer is None and _has_tokenizer(root):
-        from transformers import AutoTokenizer
-
         try:
             tokenizer = AutoTokenizer.from_pretrained(root)
         except (OSError, ValueError) as exc:
@@ -288,8 +288,6 @@ def build_random_openvla(
     model = build_empty_model(cfg, dtype=dtype, device=device)
     fill_random_(model, seed)
     if tokenizer is None:
-        from rdt_interp.models.tiny import TINY_SPECS, byte_tokenizer
-
         tokenizer = byte_tokenizer(TINY_SPECS["tiny-llama"])
     adapter = OpenVLAAdapter(model, tokenizer, name=f"random-{cfg.vision_backbone_id}",
                              constrain_actions=constrain_actions, random_weights=True)

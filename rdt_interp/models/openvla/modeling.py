@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from rdt_interp.errors import ConfigError
 from rdt_interp.models.adapter import position_ids_from_mask
@@ -105,8 +106,6 @@ class OpenVLAModel(nn.Module):
 
     def __init__(self, config: OpenVLAConfig) -> None:
         super().__init__()
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         self.config = config
         self.vision_backbone = VisionBackbone(config.vision)
         self.projector = Projector(config.vision_dim, config.llm_dim, fused=config.use_fused_vision_backbone)
