@@ -43,6 +43,15 @@ from rdt_interp.analysis.specificity import (
     random_directions,
     specificity_test,
 )
+from rdt_interp.analysis.stats import (
+    auc,
+    bootstrap_ci,
+    cohens_d,
+    empirical_pvalue,
+    holm,
+    permutation_test,
+    wilson_interval,
+)
 from rdt_interp.analysis.subspace import (
     Spectrum,
     SubspaceComparison,
@@ -56,7 +65,8 @@ __all__ = [
     "REFUSAL_PHRASES", "ActionMetrics", "AlignmentResult", "BinShift", "Labeled", "LayerSelection",
     "LinearProbe", "ProbeGrid", "ProjectionAUC", "ProjectionCohenD", "RefusalRate", "SpecificityResult",
     "Spectrum", "SubspaceComparison", "TransferResult", "action_metrics", "align_directions",
-    "bin_shift", "class_mean_difference", "compare_subspaces", "cosine_matrix", "cosine_similarity",
+    "auc", "bin_shift", "bootstrap_ci", "cohens_d", "empirical_pvalue", "holm", "permutation_test",
+    "wilson_interval", "class_mean_difference", "compare_subspaces", "cosine_matrix", "cosine_similarity",
     "evaluate_selected", "fit_probe", "is_refusal", "label_shuffled_direction", "principal_angles",
     "probe_grid", "random_directions", "refusal_rate", "select_layer", "spectrum", "specificity_test",
     "top_subspace", "transfer_auc", "zero_motion_mass",

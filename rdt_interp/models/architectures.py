@@ -137,16 +137,30 @@ def architecture_of(model: nn.Module) -> Architecture:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ModelComponents:
-    """The canonical components of one model, resolved."""
+    """The canonical components of one model. Each is looked up along its path on access, so a
+    module replaced later (e.g. by ``resize_token_embeddings``) is the one returned."""
 
     architecture: Architecture
     paths: ComponentPaths
-    embed: nn.Module
-    layers: nn.ModuleList
-    final_norm: nn.Module
-    lm_head: nn.Module
+    model: nn.Module
+
+    @property
+    def embed(self) -> nn.Module:
+        return _resolve(self.model, self.paths.embed, self.architecture)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return _resolve(self.model, self.paths.layers, self.architecture)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return _resolve(self.model, self.paths.final_norm, self.architecture)
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return _resolve(self.model, self.paths.lm_head, self.architecture)
 
     @property
     def n_layers(self) -> int:
@@ -180,8 +194,9 @@ def model_components(model: nn.Module, *, n_layers: int | None = None) -> ModelC
     """
     arch = architecture_of(model)
     paths = arch.paths(model)
-    embed, layers, norm, head = (_resolve(model, p, arch) for p in
-                                 (paths.embed, paths.layers, paths.final_norm, paths.lm_head))
+    for p in (paths.embed, paths.final_norm, paths.lm_head):
+        _resolve(model, p, arch)  # every path must exist now, not at first use
+    layers = _resolve(model, paths.layers, arch)
     if not isinstance(layers, nn.ModuleList):
         raise UnsupportedArchitectureError(
             f"{paths.layers} of {type(model).__name__} is a {type(layers).__name__}, not the "
@@ -192,7 +207,7 @@ def model_components(model: nn.Module, *, n_layers: int | None = None) -> ModelC
             f"{paths.layers} of {type(model).__name__} holds {len(layers)} layers, its config "
             f"declares {n_layers} (architecture adapter {arch.name!r})",
             fix="correct the layers path of that entry in rdt_interp/models/architectures.py")
-    return ModelComponents(arch, paths, embed, layers, norm, head)
+    return ModelComponents(arch, paths, model)
 
 
 def _resolve(model: nn.Module, path: str, arch: Architecture) -> Any:

@@ -239,7 +239,31 @@ def rdt_plus(
     *,
     include_image: bool = False,
 ) -> list[Intervention]:
-    """RDT+: RDT plus ``alpha_text * r`` at text (and optionally image) positions in prefill."""
+    """RDT+: RDT plus ``alpha_text * r`` at text (and optionally image) positions in prefill.
+
+    Parameters
+    ----------
+    direction
+        ``[d_model]`` tensor or a :class:`~rdt_interp.directions.Direction` (NaN/inf refused).
+    alpha_act, alpha_text
+        Scales at the generated action tokens (decode) and at the prompt's text (prefill).
+    layers
+        Decoder layers to steer (their input, ``resid_pre``).
+    include_image
+        Steer the image-patch positions in prefill too.
+
+    Returns
+    -------
+    list of Intervention
+        The decode-phase RDT edit, then the prefill-phase text edit.
+
+    Examples
+    --------
+    >>> import torch
+    >>> edits = rdt_plus(torch.ones(8), alpha_act=4.0, alpha_text=2.0, layers=[3, 5])
+    >>> [(e.alpha, e.phase, e.layers) for e in edits]
+    [(4.0, 'decode', (3, 5)), (2.0, 'prefill', (3, 5))]
+    """
     text_roles = Role.TEXT | Role.IMAGE if include_image else Role.TEXT
     return rdt(direction, alpha_act, layers) + [
         AddDirection(direction, alpha_text, layers, roles=text_roles, phase="prefill")

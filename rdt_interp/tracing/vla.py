@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -363,7 +364,8 @@ def capture_roles(
             bar.update(len(chunk))
     bar.close()
     desc = adapter.describe()
-    acts = {s.name: Activations(torch.stack([parts[i][s.name] for i in range(len(requests))])[:, :, None],
+    acts = {s.name: Activations(rearrange(torch.stack([parts[i][s.name] for i in range(len(requests))]),
+                                          "n layer d -> n layer 1 d"),
                                 layer_list, Site.parse(site).value, s.name, list(texts), desc)
             for s in specs}
     return RoleActivations(acts, torch.stack([ids[i] for i in range(len(requests))]), tuple(texts), desc)

@@ -135,3 +135,12 @@ def test_subclasses_use_their_base_class_entry():
 
     model = MyLlama(transformers.LlamaConfig(**SMALL))
     assert architecture_of(model).name == "llama"
+
+
+def test_components_follow_a_replaced_module():
+    adapter = load_chat_model("tiny-llama", seed=0)
+    old_head = adapter.lm_head
+    adapter.model.resize_token_embeddings(len(adapter.tokenizer) + 8)  # replaces embedding and head
+    assert adapter.lm_head is adapter.model.get_output_embeddings() and adapter.lm_head is not old_head
+    assert adapter.embed is adapter.model.get_input_embeddings()
+    assert adapter.embed.num_embeddings == len(adapter.tokenizer) + 8
