@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from rdt_interp.errors import UnsupportedArchitectureError
+from rdt_interp.errors import ConfigError, UnsupportedArchitectureError
 
 __all__ = [
     "ARCHITECTURES", "BackboneArchitecture", "ComponentPaths", "DecoderArchitecture",
@@ -89,14 +89,14 @@ def register_architecture(arch: Architecture, *, replace: bool = False) -> Archi
 
     Raises
     ------
-    ValueError
+    ConfigError
         A class already has another entry (pass ``replace=True`` to override it).
     """
     for cls in arch.model_classes:
         old = ARCHITECTURES.get(cls)
         if old is not None and old != arch and not replace:
-            raise ValueError(f"{cls} already has the architecture adapter {old.name!r}; "
-                             "pass replace=True to override it")
+            raise ConfigError(f"{cls} already has the architecture adapter {old.name!r}",
+                              fix="pass replace=True to override it")
     for cls in arch.model_classes:
         ARCHITECTURES[cls] = arch
     return arch

@@ -6,7 +6,7 @@ import torch
 import transformers
 from torch import nn
 
-from rdt_interp.errors import RdtError, UnsupportedArchitectureError
+from rdt_interp.errors import ConfigError, RdtError, UnsupportedArchitectureError
 from rdt_interp.models import load_chat_model
 from rdt_interp.models.architectures import (
     ARCHITECTURES,
@@ -111,7 +111,7 @@ def test_registering_an_adapter_makes_the_class_supported(monkeypatch):
                                               layers="transformer.h", final_norm="transformer.ln_f"))
     parts = model_components(model, n_layers=2)
     assert parts.layers is model.transformer.h and parts.final_norm is model.transformer.ln_f
-    with pytest.raises(ValueError, match="already has"):
+    with pytest.raises(ConfigError, match="already has"):
         register_architecture(DecoderArchitecture("other", ("GPT2LMHeadModel",)))
 
 
