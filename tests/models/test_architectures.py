@@ -144,3 +144,14 @@ def test_components_follow_a_replaced_module():
     assert adapter.lm_head is adapter.model.get_output_embeddings() and adapter.lm_head is not old_head
     assert adapter.embed is adapter.model.get_input_embeddings()
     assert adapter.embed.num_embeddings == len(adapter.tokenizer) + 8
+
+
+def test_a_chat_model_of_an_unknown_architecture_is_refused_at_construction():
+    from rdt_interp.models import ChatModel
+    from rdt_interp.models.tiny import TINY_SPECS, byte_tokenizer
+
+    tok = byte_tokenizer(TINY_SPECS["tiny-llama"])
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=len(tok), n_positions=32)
+    with pytest.raises(UnsupportedArchitectureError, match="GPT2LMHeadModel") as err:
+        ChatModel(transformers.GPT2LMHeadModel(cfg), tok, name="gpt2-toy")
+    assert "register_architecture" in err.value.one_line()
