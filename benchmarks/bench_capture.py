@@ -34,7 +34,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     if args.model == "llama-2-7b-random":
-        from rdt_interp.models.loading import random_llama_chat
+        from rdt_interp.models.random_init import random_llama_chat
 
         model = random_llama_chat(device=args.device, dtype=torch.bfloat16)
     else:

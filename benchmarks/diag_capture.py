@@ -13,7 +13,7 @@ sys.path.insert(0, "benchmarks")
 sys.path.insert(0, ".")
 from _common import interleaved, median  # noqa: E402
 
-from rdt_interp.models.loading import random_llama_chat  # noqa: E402
+from rdt_interp.models.random_init import random_llama_chat  # noqa: E402
 from rdt_interp.prompts import load_split  # noqa: E402
 from rdt_interp.roles import Selector  # noqa: E402
 from rdt_interp.tracing import HookRunner, Recorder, StepContext, capture  # noqa: E402

@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from rdt_interp.errors import CheckpointError, ConfigError
 from rdt_interp.models.chat import ChatModel
 from rdt_interp.models.offline import OFFLINE_MODELS, ensure_dequantized
-from rdt_interp.models.random_init import LLAMA2_7B, build_random
+from rdt_interp.models.random_init import random_llama_chat
 from rdt_interp.models.registry import REGISTRY, RegistryEntry, lookup
-from rdt_interp.models.tiny import TINY_SPECS, build_tiny, byte_tokenizer
+from rdt_interp.models.tiny import build_tiny
 
 
 def _dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -234,14 +234,3 @@ def _load_dir(
                    template_name=template_name)
     cm.load_seconds = time.perf_counter() - t0
     return cm
-
-
-def random_llama_chat(*, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda",
-                      seed: int = 0, **overrides: Any) -> ChatModel:
-    """A Llama-2-7b-chat-shaped :class:`ChatModel` with random weights (byte tokenizer, Llama-2
-    chat template) for benchmarks at real scale."""
-    tok = byte_tokenizer(TINY_SPECS["tiny-llama"])
-    cfg = LlamaConfig(**{**LLAMA2_7B, **overrides}, pad_token_id=tok.pad_token_id,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    model = build_random(lambda: LlamaForCausalLM(cfg), dtype=dtype, device=device, seed=seed)
-    return ChatModel(model, tok, name="llama-2-7b-random", random_weights=True)

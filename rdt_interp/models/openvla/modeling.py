@@ -21,9 +21,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from rdt_interp.errors import ConfigError
 from rdt_interp.models.adapter import position_ids_from_mask
+from rdt_interp.models.meta_init import fill_random_, materialize_, parameters_on_meta
 from rdt_interp.models.openvla.config import OpenVLAConfig
 from rdt_interp.models.openvla.vision import VisionBackbone
-from rdt_interp.models.random_init import fill_random_, materialize_, parameters_on_meta
 
 
 class Projector(nn.Module):
@@ -212,7 +212,7 @@ def _text_mask_from_decoder_mask(mask: Tensor, n_patch: int) -> Tensor:
     return mask.gather(1, src)
 
 
-# -- construction without paying for initialisation (rdt_interp.models.random_init) -----------
+# -- construction without paying for initialisation (rdt_interp.models.meta_init) -------------
 
 
 def build_empty_model(config: OpenVLAConfig, *, dtype: torch.dtype, device: torch.device | str) -> OpenVLAModel:
