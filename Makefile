@@ -28,6 +28,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check rdt_interp tests benchmarks
+	$(BIN)/lint-imports
 
 figures: $(STAMP)
 	$(BIN)/rdt-interp figures runs/demo --out figures

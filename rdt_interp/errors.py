@@ -118,6 +118,11 @@ class CorruptFileError(IntegrityError, ValueError):
         RdtError.__init__(self, f"{what} {self.path} is corrupt: {reason}", fix=fix)
 
 
+class UnsupportedArchitectureError(RdtError, TypeError):
+    """A model class has no architecture adapter (``rdt_interp.models.architectures``), or its
+    adapter's component paths do not match the model."""
+
+
 class TokenizerMismatchError(RdtError, ValueError):
     """A batch was encoded with another tokenizer than the model it is run on."""
 

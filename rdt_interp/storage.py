@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from rdt_interp.errors import CorruptFileError, MissingFileError
@@ -196,8 +196,6 @@ def load_tensors(
         Not a readable safetensors file, or its content checksum does not match (an
         :class:`~rdt_interp.errors.IntegrityError`, which cache readers catch to recompute).
     """
-    from safetensors import safe_open
-
     fix = fix or "delete it and write it again (a cache entry is recomputed on the next run)"
     if not Path(path).is_file():
         raise MissingFileError(path, what=what)

@@ -50,7 +50,16 @@ from rdt_interp.analysis.specificity import (
     random_directions,
     specificity_test,
 )
-from rdt_interp.analysis.stats import benjamini_hochberg, holm
+from rdt_interp.analysis.stats import (
+    auc,
+    benjamini_hochberg,
+    bootstrap_ci,
+    cohens_d,
+    empirical_pvalue,
+    holm,
+    permutation_test,
+    wilson_interval,
+)
 from rdt_interp.analysis.subspace import (
     Spectrum,
     SubspaceComparison,
@@ -61,12 +70,14 @@ from rdt_interp.analysis.subspace import (
 )
 
 __all__ = [
-    "REFUSAL_PHRASES", "ActionMetrics", "AlignmentResult", "BinShift", "LayerPick", "Labeled", "LayerSelection",
-    "LinearProbe", "PermutationCosine", "ProbeGrid", "ProjectionAUC", "ProjectionCohenD", "RefusalRate",
-    "SpecificityResult", "Spectrum", "SubspaceComparison", "TransferResult", "action_metrics", "align_directions",
-    "benjamini_hochberg", "bin_shift", "class_mean_difference", "compare_subspaces", "cosine_matrix",
-    "cosine_permutation_null", "cosine_similarity", "evaluate_selected", "fit_probe", "grid_peaks", "holm", "is_refusal",
-    "label_shuffled_direction", "label_shuffled_directions", "permuted_labels", "pick_layer", "principal_angles",
-    "probe_grid", "random_directions", "refusal_rate", "select_layer", "shuffled_mean_differences", "spectrum",
-    "specificity_test", "top_subspace", "transfer_auc", "zero_motion_mass",
+    "REFUSAL_PHRASES", "ActionMetrics", "AlignmentResult", "BinShift", "Labeled", "LayerPick",
+    "LayerSelection", "LinearProbe", "PermutationCosine", "ProbeGrid", "ProjectionAUC", "ProjectionCohenD",
+    "RefusalRate", "SpecificityResult", "Spectrum", "SubspaceComparison", "TransferResult", "action_metrics",
+    "align_directions", "auc", "benjamini_hochberg", "bin_shift", "bootstrap_ci", "class_mean_difference",
+    "cohens_d", "compare_subspaces", "cosine_matrix", "cosine_permutation_null", "cosine_similarity",
+    "empirical_pvalue", "evaluate_selected", "fit_probe", "grid_peaks", "holm", "is_refusal",
+    "label_shuffled_direction", "label_shuffled_directions", "permutation_test", "permuted_labels",
+    "pick_layer", "principal_angles", "probe_grid", "random_directions", "refusal_rate", "select_layer",
+    "shuffled_mean_differences", "specificity_test", "spectrum", "top_subspace", "transfer_auc",
+    "wilson_interval", "zero_motion_mass",
 ]

@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from einops import einsum, rearrange
 from jaxtyping import Bool, Float, Shaped
 from torch import Tensor
 
@@ -143,6 +144,14 @@ class Labeled:
         return cls(torch.cat([xp, xn]), y, layers, positions, split, model)
 
     @classmethod
+    def from_roles(cls, captured: Any, y: Any, *, split: str, roles: Sequence[str] | None = None) -> Labeled:
+        """The grid of a VLA role capture (:class:`rdt_interp.tracing.vla.RoleActivations`, read
+        structurally): positions are role names, ``roles`` picks and orders them (default: all)."""
+        names = captured.role_names(roles)
+        return cls(captured.grid(names), torch.as_tensor(y), captured.layers, names, split,
+                   dict(captured.model))
+
+    @classmethod
     def stack_positions(cls, *parts: Labeled) -> Labeled:
         """Join captures of the same prompts at different positions (e.g. last text, first action)."""
         if not parts:
@@ -198,7 +207,27 @@ def _index(layers: Sequence[int], positions: Sequence[str], layer: int, position
 def class_mean_difference(
     x: Float[Array, "n *grid d_model"], y: Shaped[Array, "n"]
 ) -> Float[Tensor, "*grid d_model"]:
-    """``mean(x[positive]) - mean(x[negative])`` (Arditi et al.'s diff-in-means), per grid cell."""
+    """``mean(x[positive]) - mean(x[negative])`` (Arditi et al.'s diff-in-means), per grid cell.
+
+    Parameters
+    ----------
+    x
+        Activations ``[n, *grid, d_model]`` (tensor or array; computed in float32).
+    y
+        ``n`` labels, ``True`` (or 1) for the positive class.
+
+    Returns
+    -------
+    Tensor
+        ``[*grid, d_model]`` float32.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.tensor([[[2.0, 0.0]], [[4.0, 0.0]], [[0.0, 1.0]]])  # [n=3, layer=1, d=2]
+    >>> class_mean_difference(x, torch.tensor([True, True, False])).tolist()
+    [[3.0, -1.0]]
+    """
     t = as_tensor(x, dtype=torch.float32)
     lab = as_labels(y, n=t.shape[0])
     return t[lab].mean(dim=0) - t[~lab].mean(dim=0)
@@ -212,7 +241,7 @@ def _unit(d: Tensor) -> Tensor:
 
 
 def _project(x: Float[Tensor, "n layer pos d"], dirs: Float[Tensor, "layer pos d"]) -> Tensor:
-    return torch.einsum("nlpd,lpd->nlp", x, _unit(dirs.to(x.dtype)))
+    return einsum(x, _unit(dirs.to(x.dtype)), "n layer pos d, layer pos d -> n layer pos")
 
 
 def _grid_directions(directions: Float[Array, "..."], data: Labeled) -> Float[Tensor, "layer pos d"]:
@@ -270,6 +299,7 @@ class LinearProbe:
         meta: dict[str, Any] | None = None,
     ) -> LinearProbe:
         """L2 logistic regression on standardized features (scikit-learn, lbfgs)."""
+        # lazy: scikit-learn takes seconds to import; only fitting needs it
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
         from threadpoolctl import threadpool_limits
@@ -549,11 +579,11 @@ def _probe_grid(
         proj_source = f"class-mean difference cross-fitted over {folds} folds"
         proj_method = ("approximate CI (bootstrap of out-of-fold scores); exact p (within-fold "
                        "label permutations, direction re-fitted)")
-    flat = scores.reshape(n, k)
+    flat = rearrange(scores, "n layer pos -> n (layer pos)")
     proj = _intervals(flat, y, with_d=True, n_boot=n_boot, seed=seed, level=level)
     if crossfit:
-        null = _crossfit_null(x.reshape(n, k, -1), _within_fold_permutations(y, split_idx, n_perm, seed + 1),
-                              split_idx)
+        null = _crossfit_null(rearrange(x, "n layer pos d -> n (layer pos) d"),
+                              _within_fold_permutations(y, split_idx, n_perm, seed + 1), split_idx)
         proj["p"] = empirical_pvalue(proj["auc"], null, "two-sided", center=0.5)
     else:
         proj["p"] = permutation_test(auc_groups, flat, y, n_perm=n_perm, seed=seed + 1,
@@ -565,10 +595,10 @@ def _probe_grid(
     unconverged = 0
     probe_source = probe_method = "not computed"
     if probe:
-        cells = x.reshape(n, k, -1)
+        cells = rearrange(x, "n layer pos d -> n (layer pos) d")
         oof = torch.empty(n, k, dtype=torch.float64)
         if fit is not None:
-            fx = fit.x.reshape(fit.x.shape[0], k, -1)
+            fx = rearrange(fit.x, "n layer pos d -> n (layer pos) d")
             for c in range(k):
                 lp = LinearProbe.fit(fx[:, c], fit.y, C=C, max_iter=max_iter)
                 unconverged += not lp.converged
@@ -600,7 +630,7 @@ def _probe_grid(
                                 "(pass n_perm_refit > 0, or a fit split)")
 
     def grid(t: Tensor) -> np.ndarray:
-        return t.reshape(L, P).numpy().astype(np.float64)
+        return rearrange(t, "(layer pos) -> layer pos", layer=L, pos=P).numpy().astype(np.float64)
 
     return ProbeGrid(
         layers=data.layers, positions=data.positions, split=data.split, n_pos=data.n_pos,

@@ -38,7 +38,9 @@ from torch import Tensor
 from rdt_interp.directions.subspace import contrast_subspace
 from rdt_interp.errors import ConfigError, DModelMismatchError
 from rdt_interp.models.adapter import ModelAdapter
+from rdt_interp.prompts import instructions
 from rdt_interp.storage import digest_tensor, load_tensors, save_tensors
+from rdt_interp.tracing.capture import capture
 from rdt_interp.tracing.interventions import AblateDirection, Intervention, Site, StepContext
 
 GUARD_MODES: tuple[str, ...] = ("project", "clamp")
@@ -167,9 +169,6 @@ def safety_subspace(
 ) -> SafetySubspace:
     """Capture ``chat`` on harmful and harmless prompts (strings or a ``PromptSet``) at ``layer``
     and ``position`` (block input) and take the rank-``k`` contrast subspace."""
-    from rdt_interp.prompts import instructions
-    from rdt_interp.tracing.capture import capture
-
     if not 0 <= layer < chat.n_layers:
         raise ConfigError(f"layer {layer} is not a layer of {chat.name} ({chat.n_layers} layers)")
     kw = dict(layers=[layer], selector=position, batch_size=batch_size, backend="hooks", progress=progress)

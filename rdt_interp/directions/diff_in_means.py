@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from einops import reduce
 from jaxtyping import Float
 from torch import Tensor
 
@@ -14,6 +15,7 @@ from rdt_interp.directions.direction import Direction, Provenance
 from rdt_interp.errors import ConfigError, DModelMismatchError
 from rdt_interp.models.adapter import ModelAdapter
 from rdt_interp.prompts import PromptSet, instructions
+from rdt_interp.roles import Role
 from rdt_interp.storage import digest_strings
 from rdt_interp.tracing.capture import Activations, capture
 
@@ -21,7 +23,37 @@ from rdt_interp.tracing.capture import Activations, capture
 def mean_difference(
     harmful: Float[Tensor, "n1 layer pos d"], harmless: Float[Tensor, "n0 layer_b pos_b d_b"]
 ) -> Float[Tensor, "layer pos d"]:
-    """``mean(harmful) - mean(harmless)`` accumulated in float64."""
+    """Difference-in-means direction of every (layer, position) cell (Arditi et al., 2024).
+
+    Parameters
+    ----------
+    harmful, harmless
+        Activations ``[n, layer, pos, d_model]`` of the two prompt sets (same grid, any ``n``).
+
+    Returns
+    -------
+    Tensor
+        ``mean(harmful) - mean(harmless)`` over prompts, ``[layer, pos, d_model]``, accumulated
+        and returned in float64.
+
+    Raises
+    ------
+    DModelMismatchError
+        The two sets have different widths.
+    ConfigError
+        Different (layer, pos) grids, or an empty set.
+
+    Examples
+    --------
+    >>> import torch
+    >>> harmful = torch.ones(3, 2, 1, 4)        # [n, layer, pos, d_model]
+    >>> harmless = torch.zeros(5, 2, 1, 4)
+    >>> r = mean_difference(harmful, harmless)
+    >>> tuple(r.shape), r.dtype
+    ((2, 1, 4), torch.float64)
+    >>> r[1, 0].tolist()
+    [1.0, 1.0, 1.0, 1.0]
+    """
     if harmful.shape[1:] != harmless.shape[1:]:
         if harmful.shape[-1] != harmless.shape[-1]:
             raise DModelMismatchError(expected=harmful.shape[-1], actual=harmless.shape[-1],
@@ -29,7 +61,8 @@ def mean_difference(
         raise ConfigError(f"activation grids differ: {tuple(harmful.shape[1:])} vs {tuple(harmless.shape[1:])}")
     if harmful.shape[0] < 1 or harmless.shape[0] < 1:
         raise ConfigError("need at least one prompt per class")
-    return harmful.double().mean(0) - harmless.double().mean(0)
+    pattern = "n layer pos d -> layer pos d"
+    return reduce(harmful.double(), pattern, "mean") - reduce(harmless.double(), pattern, "mean")
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,8 +136,6 @@ def extract_candidates(
 
 
 def _count_role(model: ModelAdapter, text: str, role: str) -> int:
-    from rdt_interp.roles import Role
-
     batch = model.encode([text])
     flag = int(Role.from_name(role))
     n = int(((batch.roles[0] & flag) != 0).sum())

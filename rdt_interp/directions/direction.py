@@ -17,12 +17,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from rdt_interp import __version__
 from rdt_interp.errors import ConfigError, DModelMismatchError
+from rdt_interp.storage import load_tensors, save_tensors
 
 
 def _version() -> str:
-    from rdt_interp import __version__
-
     return __version__
 
 
@@ -118,8 +118,6 @@ class Direction:
                        provenance=replace(self.provenance, method=f"-{self.provenance.method}"))
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        from rdt_interp.storage import save_tensors
-
         tensors = {"vector": self.vector}
         if self.basis is not None:
             tensors["basis"] = self.basis
@@ -129,8 +127,6 @@ class Direction:
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, d_model: int | None = None) -> Direction:
         """Load; with ``d_model`` given, refuse a direction of another width."""
-        from rdt_interp.storage import load_tensors
-
         tensors, meta = load_tensors(path, what="direction file",
                                      fix="save it again with Direction.save, or re-run the step that "
                                      "wrote it (`rdt-interp run` resumes)")

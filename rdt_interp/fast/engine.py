@@ -331,7 +331,7 @@ class FastGenerator:
         unnorm_key: str | None = None,
         interventions: Sequence[Any] = (),
         return_logits: bool = False,
-    ) -> Any:
+    ) -> ActionPrediction:
         """:meth:`VLAAdapter.predict_actions` on the fast path (same tokens, same decoding)."""
         ad = self.adapter
         if not isinstance(ad, VLAAdapter):
@@ -340,12 +340,7 @@ class FastGenerator:
             raise ConfigError(f"this generator emits {self.n_tokens} tokens, the VLA needs {ad.action_dim}")
         gen = self.generate(ad.encode(requests, padding_side="left"), interventions=interventions,
                             return_logits=return_logits)
-        tok = ad.action_tokenizer
-        bins = tok.ids_to_bins(gen.tokens)
-        normalized = tok.bins_to_normalized(bins).float()
-        actions = tok.unnormalize(normalized, unnorm_key).float() if unnorm_key else None
-        logits = gen.logits[..., tok.token_ids.to(gen.logits.device)] if gen.logits is not None else None
-        return ActionPrediction(gen.tokens, bins, normalized, actions, logits)
+        return ad.decode_actions(gen.tokens, gen.logits, unnorm_key=unnorm_key)
 
     @torch.no_grad()
     def step_times(
@@ -677,7 +672,7 @@ def _stream_ctx(device: torch.device) -> Iterator[Any]:
 @contextlib.contextmanager
 def _dynamo_limits() -> Iterator[None]:
     """Room for one compiled variant per (batch size, bucket, steering sites) of a layer."""
-    import torch._dynamo
+    import torch._dynamo  # lazy: the compiler stack loads only when a layer is compiled
 
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"

@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from rdt_interp.errors import TokenizerMismatchError
 from rdt_interp.roles import Role
 
 PaddingSide = Literal["left", "right"]
@@ -148,6 +149,11 @@ class ModelAdapter(abc.ABC):
     def d_model(self) -> int: ...
 
     @property
+    def embed(self) -> nn.Module:
+        """The token embedding."""
+        return self.model.get_input_embeddings()
+
+    @property
     @abc.abstractmethod
     def final_norm(self) -> nn.Module: ...
 
@@ -233,8 +239,6 @@ class ModelAdapter(abc.ABC):
             The batch's :attr:`EncodedBatch.tokenizer_id` differs from :meth:`tokenizer_id`, or
             (for a batch on the host) a token id is not in the model's vocabulary.
         """
-        from rdt_interp.errors import TokenizerMismatchError
-
         fix = "encode the requests with this model's own adapter: adapter.encode(requests)"
         mine = self.tokenizer_id()
         if batch.tokenizer_id is not None and mine is not None and batch.tokenizer_id != mine:
@@ -302,24 +306,6 @@ def model_digest(model: nn.Module, sample: int = 64) -> str:
             h.update(head.numpy().tobytes())
             h.update(tail.numpy().tobytes())
     return h.hexdigest()
-
-
-def find_decoder_layers(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
-    """Locate the decoder ``ModuleList`` of a HF causal LM (``model.layers`` and friends)."""
-    for path in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
-                 "model.decoder.layers"):
-        mod: Any = model
-        try:
-            for part in path.split("."):
-                mod = getattr(mod, part)
-        except AttributeError:
-            continue
-        if isinstance(mod, nn.ModuleList) and len(mod) == n_layers:
-            return path, mod
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) == n_layers:
-            return name, mod
-    raise TypeError(f"could not find {n_layers} decoder layers in {type(model).__name__}")
 
 
 def get_submodule(root: Any, path: str) -> Any:

@@ -20,11 +20,10 @@ from rdt_interp.models.adapter import (
     EncodedBatch,
     ModelAdapter,
     PaddingSide,
-    find_decoder_layers,
-    get_submodule,
     pad_sequences,
     position_ids_from_mask,
 )
+from rdt_interp.models.architectures import model_components
 from rdt_interp.roles import Role
 
 _SENTINEL = "\u2063RDT_INSTRUCTION\u2063"
@@ -66,29 +65,32 @@ class ChatModel(ModelAdapter):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         n = model.config.get_text_config().num_hidden_layers
-        self._layers_path, self._layers = find_decoder_layers(model, n)
+        self.components = model_components(model, n_layers=n)
 
     # -- structure -------------------------------------------------------------------------------
     @property
     def layers(self) -> nn.ModuleList:
-        return self._layers
+        return self.components.layers
 
     @property
     def layers_path(self) -> str:
-        return self._layers_path
+        return self.components.paths.layers
 
     @property
     def d_model(self) -> int:
         return int(self.model.config.get_text_config().hidden_size)
 
     @property
+    def embed(self) -> nn.Module:
+        return self.components.embed
+
+    @property
     def final_norm(self) -> nn.Module:
-        base = get_submodule(self.model, self._layers_path.rsplit(".", 1)[0])
-        return base.norm
+        return self.components.final_norm
 
     @property
     def lm_head(self) -> nn.Module:
-        return self.model.get_output_embeddings()
+        return self.components.lm_head
 
     @property
     def eos_token_id(self) -> int | None:

@@ -10,10 +10,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from rdt_interp.errors import CheckpointError, ConfigError
 from rdt_interp.models.chat import ChatModel
 from rdt_interp.models.offline import OFFLINE_MODELS, ensure_dequantized
+from rdt_interp.models.random_init import random_llama_chat
 from rdt_interp.models.registry import REGISTRY, RegistryEntry, lookup
 from rdt_interp.models.tiny import build_tiny
 
@@ -40,8 +43,6 @@ def _check_causal_lm_dir(path: Path) -> dict[str, Any]:
                               fix="point at the directory that holds config.json")
     cfg = json.loads(cfg_path.read_text())
     archs = cfg.get("architectures") or []
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     if cfg.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (
         archs and not any(a in causal for a in archs)
@@ -169,8 +170,6 @@ def load_chat_model(
                              random_weights=True, chat_template=forced,
                              template_name="reference" if forced else "model")
         if entry.kind == "random":
-            from rdt_interp.models.random_init import random_llama_chat
-
             cm = random_llama_chat(dtype=dt, device=device, seed=seed)
             cm.system_prompt = system_prompt
             return cm
@@ -207,8 +206,6 @@ def _load_dir(
     forced_template: str | None = None,
     local_files_only: bool | None = None,
 ) -> ChatModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if target is None:
         raise CheckpointError(f"no checkpoint location known for {name}")
     kw: dict[str, Any] = {}

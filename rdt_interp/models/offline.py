@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rdt_interp.errors import CheckpointError, IntegrityError
 from rdt_interp.storage import atomic_write_json, cache_dir, read_json, sha256_file
@@ -139,8 +141,6 @@ def _cache_is_valid(spec: GGUFModel, target: Path) -> bool:
 def _build(spec: GGUFModel, target: Path, *, progress: bool = True) -> Path:
     """Dequantize the GGUF of ``spec`` into ``target`` (replacing what is there)."""
     paths = verify_parts(spec)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     t0 = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -162,8 +162,6 @@ def _build(spec: GGUFModel, target: Path, *, progress: bool = True) -> Path:
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         if getattr(model.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)
-        from safetensors.torch import save_file
-
         save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
         write_source_record(out_dir, spec, dequantize_seconds=time.perf_counter() - t0)
         if target.exists():

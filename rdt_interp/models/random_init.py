@@ -1,103 +1,33 @@
 """Random-weight models of real shapes, built directly on the target device.
 
 Latency and memory do not depend on weight values, so benchmarks at 7B scale use random
-weights. Building a 7B model the usual way runs a slow CPU initialisation; here parameters are
-created on the meta device, given uninitialised storage on the target device, and filled with
-cheap N(0, std) values there.
+weights; the construction helpers live in :mod:`rdt_interp.models.meta_init` (re-exported
+here), so that VLA families can use them without importing the chat adapter.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
-from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
-M = TypeVar("M", bound=nn.Module)
+from rdt_interp.models.chat import ChatModel
+from rdt_interp.models.meta_init import build_random, fill_random_, materialize_, parameters_on_meta
+from rdt_interp.models.tiny import TINY_SPECS, byte_tokenizer
+
+__all__ = ["LLAMA2_7B", "build_random", "fill_random_", "materialize_", "parameters_on_meta",
+           "random_llama_chat"]
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                  rms_norm_eps=1e-5)
 
 
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Create parameters on the meta device (no memory, no init cost); buffers stay real.
-
-    Buffers (rotary ``inv_freq``, position ids) are computed in constructors and are not in
-    checkpoints, so they keep their values; only parameters are deferred.
-    """
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
-
-
-def materialize_(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
-    """Give every meta parameter uninitialised storage on ``device`` (tied parameters stay tied)."""
-    device = torch.device(device)
-    made: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        for name, p in list(module._parameters.items()):
-            if p is None:
-                continue
-            if id(p) not in made:
-                dt = dtype if p.is_floating_point() else p.dtype
-                made[id(p)] = nn.Parameter(torch.empty(p.shape, device=device, dtype=dt),
-                                           requires_grad=p.requires_grad)
-            module._parameters[name] = made[id(p)]
-        for name, buf in list(module._buffers.items()):
-            if buf is not None:
-                module._buffers[name] = buf.to(device)
-
-
-@torch.no_grad()
-def fill_random_(model: nn.Module, seed: int, std: float = 0.02) -> None:
-    """Cheap random weights in place: N(0, std) matrices/embeddings, unit gains, zero biases."""
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith("bias"):
-            p.zero_()
-        elif p.ndim == 1:
-            p.fill_(1.0)  # norm gains and LayerScale
-        else:
-            p.normal_(0.0, std, generator=gen)
-
-
-def build_random(factory: Callable[[], M], *, dtype: torch.dtype, device: torch.device | str,
-                 seed: int = 0, std: float = 0.02) -> M:
-    """``factory()`` built on ``device`` in ``dtype`` with random weights, without CPU init
-    (on the ``meta`` device: parameters without storage or values)."""
-    with parameters_on_meta():
-        model = factory()
-    if torch.device(device).type == "meta":  # structure only: a real-scale dry run costs no memory
-        return model.to(dtype=dtype).eval()
-    materialize_(model, device, dtype)
-    fill_random_(model, seed, std)
-    return model.eval()
-
-
 def random_llama_chat(*, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda",
-                      seed: int = 0, **overrides: Any):
+                      seed: int = 0, **overrides: Any) -> ChatModel:
     """A Llama-2-7b-chat-shaped :class:`ChatModel` with random weights (byte tokenizer, Llama-2
     chat template) for benchmarks at real scale."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from rdt_interp.models.chat import ChatModel
-    from rdt_interp.models.tiny import TINY_SPECS, byte_tokenizer
-
     tok = byte_tokenizer(TINY_SPECS["tiny-llama"])
     cfg = LlamaConfig(**{**LLAMA2_7B, **overrides}, pad_token_id=tok.pad_token_id,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)

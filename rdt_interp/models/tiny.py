@@ -11,7 +11,16 @@ from dataclasses import dataclass
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedModel, PreTrainedTokenizerFast
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 LLAMA2_CHAT_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}"
@@ -111,16 +120,10 @@ def build_tiny(
         bos_token_id=tok.bos_token_id,
     )
     if spec.family == "llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
         cfg, cls = LlamaConfig(**common, tie_word_embeddings=False), LlamaForCausalLM
     elif spec.family == "qwen2":
-        from transformers import Qwen2Config, Qwen2ForCausalLM
-
         cfg, cls = Qwen2Config(**common, tie_word_embeddings=True), Qwen2ForCausalLM
     else:
-        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
         cfg = Gemma3TextConfig(**common, head_dim=hidden_size // n_heads, sliding_window=16,
                                tie_word_embeddings=True)
         cls = Gemma3ForCausalLM

@@ -74,6 +74,22 @@ class VLAAdapter(ModelAdapter):
     def eos_token_id(self) -> int | None:
         return None  # a VLA emits exactly action_dim tokens
 
+    def decode_actions(
+        self,
+        tokens: Int[Tensor, "batch action_dim"],
+        logits: Float[Tensor, "batch action_dim vocab"] | None = None,
+        *,
+        unnorm_key: str | None = None,
+    ) -> ActionPrediction:
+        """Generated action tokens (and their logits over the vocabulary) -> bins, normalized and
+        (with ``unnorm_key``) unnormalized actions, logits over the action tokens."""
+        tok = self.action_tokenizer
+        bins = tok.ids_to_bins(tokens)
+        normalized = tok.bins_to_normalized(bins).float()
+        actions = tok.unnormalize(normalized, unnorm_key).float() if unnorm_key else None
+        action_logits = logits[..., tok.token_ids.to(logits.device)] if logits is not None else None
+        return ActionPrediction(tokens, bins, normalized, actions, action_logits)
+
     def predict_actions(
         self,
         requests: Sequence[VLARequest],
@@ -84,18 +100,13 @@ class VLAAdapter(ModelAdapter):
         recorders: Sequence[Any] = (),
         return_logits: bool = False,
     ) -> ActionPrediction:
-        """Greedy action prediction for a batch (every row gets what it gets alone)."""
-        from rdt_interp.tracing.generation import generate
+        """Greedy action prediction for a batch (every row gets what it gets alone).
 
-        batch = self.encode(requests, padding_side="left")
-        gen = generate(self, batch, max_new_tokens=self.action_dim, interventions=interventions,
-                       recorders=recorders, backend=backend, stop_at_eos=False,
-                       return_logits=return_logits)
-        tok = self.action_tokenizer
-        bins = tok.ids_to_bins(gen.tokens)
-        normalized = tok.bins_to_normalized(bins).float()
-        actions = tok.unnormalize(normalized, unnorm_key).float() if unnorm_key else None
-        logits = None
-        if gen.logits is not None:
-            logits = gen.logits[..., tok.token_ids.to(gen.logits.device)]
-        return ActionPrediction(gen.tokens, bins, normalized, actions, logits)
+        The convenience form of :func:`rdt_interp.tracing.vla.predict_actions`, which runs it.
+        """
+        # Lazy on purpose: generation lives in rdt_interp.tracing, the layer above the models.
+        # This one upward import is listed (and only it) in the layers contract (.importlinter).
+        from rdt_interp.tracing.vla import predict_actions
+
+        return predict_actions(self, requests, unnorm_key=unnorm_key, interventions=interventions,
+                               backend=backend, recorders=recorders, return_logits=return_logits)

@@ -37,6 +37,11 @@ from rdt_interp.models.adapter import (
     pad_sequences,
     position_ids_from_mask,
 )
+from rdt_interp.models.architectures import (
+    BackboneArchitecture,
+    model_components,
+    register_architecture,
+)
 from rdt_interp.models.openvla.modeling import MultimodalLayout
 from rdt_interp.models.openvla.prompt import OpenVLAPrompt
 from rdt_interp.models.vla import VLAAdapter, VLARequest
@@ -57,6 +62,9 @@ DELTA_FILE = "delta.safetensors"
 MANIFEST_FILE = "manifest.json"
 BASE_MODEL = "qwen2.5-coder-0.5b-instruct"
 TINY_BASE = "tiny-qwen2"
+
+# The testbed VLA wraps a Qwen2 causal LM (``language_model``); its components are the backbone's.
+register_architecture(BackboneArchitecture("testbed-vla", ("TestbedVLA",)))
 
 
 class TestbedVLAAdapter(VLAAdapter):
@@ -94,27 +102,33 @@ class TestbedVLAAdapter(VLAAdapter):
             raise ConfigError(f"action token ids {text_ids_in_range[:4]}… are text tokens of the tokenizer",
                               fix="the last n_bins embedding rows must be unused by text")
         self.norm_stats = dict(norm_stats)
+        self.components = model_components(
+            model, n_layers=int(model.language_model.config.num_hidden_layers))
 
     # -- structure -----------------------------------------------------------------------------
     @property
     def layers(self) -> nn.ModuleList:
-        return self.model.decoder_layers
+        return self.components.layers
 
     @property
     def layers_path(self) -> str:
-        return "language_model.model.layers"
+        return self.components.paths.layers
 
     @property
     def d_model(self) -> int:
         return int(self.model.language_model.config.hidden_size)
 
     @property
+    def embed(self) -> nn.Module:
+        return self.components.embed
+
+    @property
     def final_norm(self) -> nn.Module:
-        return self.model.language_model.model.norm
+        return self.components.final_norm
 
     @property
     def lm_head(self) -> nn.Module:
-        return self.model.language_model.get_output_embeddings()
+        return self.components.lm_head
 
     @property
     def action_tokenizer(self) -> ActionTokenizer:

@@ -6,6 +6,7 @@ from rdt_interp.tracing.hooks import HookRunner
 from rdt_interp.tracing.interventions import (
     AblateDirection,
     AddDirection,
+    DirectionLike,
     InterventionPlan,
     Site,
     StepContext,
@@ -13,6 +14,7 @@ from rdt_interp.tracing.interventions import (
     rdt_plus,
 )
 from rdt_interp.tracing.recorder import Recorder
+from rdt_interp.tracing.vla import RoleActivations, capture_roles, predict_actions, steer_vla
 
 
 def __getattr__(name: str):
@@ -24,7 +26,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
-    "AblateDirection", "Activations", "AddDirection", "Generation", "HookRunner", "InterventionPlan",
-    "NNsightRunner", "Recorder", "Site", "StepContext", "TraceSession", "capture", "generate", "rdt",
-    "rdt_plus",
+    "AblateDirection", "Activations", "AddDirection", "DirectionLike", "Generation", "HookRunner",
+    "InterventionPlan", "NNsightRunner", "Recorder", "RoleActivations", "Site", "StepContext",
+    "TraceSession", "capture", "capture_roles", "generate", "predict_actions", "rdt", "rdt_plus",
+    "steer_vla",
 ]

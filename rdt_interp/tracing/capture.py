@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -24,8 +25,10 @@ from tqdm.auto import tqdm
 from rdt_interp.errors import ConfigError, IntegrityError
 from rdt_interp.models.adapter import ModelAdapter
 from rdt_interp.roles import Selector
-from rdt_interp.storage import cache_dir, digest_strings, load_tensors, save_tensors
+from rdt_interp.storage import cache_dir, digest_strings, digest_tensor, load_tensors, save_tensors
+from rdt_interp.tracing.generation import make_runner
 from rdt_interp.tracing.interventions import Intervention, Site, StepContext
+from rdt_interp.tracing.lens import capture_with_lens
 from rdt_interp.tracing.recorder import Recorder
 
 log = logging.getLogger(__name__)
@@ -66,7 +69,7 @@ class Activations:
         """Drop the position axis of a one-position capture."""
         if self.values.shape[2] != 1:
             raise ConfigError(f"capture has {self.values.shape[2]} positions per prompt; pick one")
-        return self.values[:, :, 0]
+        return rearrange(self.values, "n layer 1 d -> n layer d")
 
     def save(self, path: str | os.PathLike[str]) -> None:
         save_tensors(path, {"values": self.values}, {
@@ -108,6 +111,36 @@ def capture(
     strings for a chat model, requests with images for a VLA). ``cache=True`` uses the user cache
     directory; a path uses that directory. ``interventions`` are applied during the capture
     (and are part of the cache key).
+
+    Parameters
+    ----------
+    adapter
+        The model (:class:`~rdt_interp.models.ChatModel`, a VLA adapter…).
+    prompts
+        What ``adapter.encode`` takes.
+    layers
+        Decoder layers to read (default: all).
+    selector
+        Which positions of every prompt: ``"last"``, a role such as ``"post_instruction"``, …
+    site
+        ``"resid_pre"`` (default) or ``"resid_post"``.
+    backend
+        ``"nnsight"`` or ``"hooks"`` (same values; hooks need no nnsight).
+
+    Returns
+    -------
+    Activations
+        ``values`` of shape ``[n, layer, pos, d_model]`` with the layers, site, selector, texts
+        and the model's description.
+
+    Examples
+    --------
+    >>> from rdt_interp.models import load_chat_model
+    >>> chat = load_chat_model("tiny-llama", seed=0)
+    >>> acts = capture(chat, ["How do I bake bread?", "hi"], layers=[0, 2], backend="hooks",
+    ...                progress=False)
+    >>> tuple(acts.values.shape), acts.layers, acts.site
+    ((2, 2, 1, 64), (0, 2), 'resid_pre')
     """
     sel = Selector.parse(selector)
     site = Site.parse(site)
@@ -180,8 +213,6 @@ def _text_of(prompt: Any) -> str:
 
 
 def _intervention_tag(iv: Intervention) -> str:
-    from rdt_interp.storage import digest_tensor
-
     fields = {k: v for k, v in vars(iv).items() if k not in ("direction", "basis")}
     return f"{type(iv).__name__}:{digest_tensor(iv.direction)}:{sorted(fields.items(), key=str)}"
 
@@ -200,11 +231,7 @@ def _capture_batch(
     if backend == "transformer_lens":
         if interventions:
             raise ConfigError("the transformer_lens backend captures without interventions")
-        from rdt_interp.tracing.lens import capture_with_lens
-
         return capture_with_lens(adapter, batch, layers, sel, site)
-    from rdt_interp.tracing.generation import make_runner
-
     rec = Recorder(layers, site, sel, device=None)
     with make_runner(backend, adapter, interventions, [rec]) as runner:
         runner.forward(adapter.prefill_kwargs(batch, use_cache=False), StepContext("prefill", batch.roles),

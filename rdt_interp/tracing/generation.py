@@ -15,9 +15,11 @@ from typing import Literal
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from rdt_interp.errors import ConfigError
 from rdt_interp.models.adapter import EncodedBatch, ModelAdapter
+from rdt_interp.tracing.hooks import HookRunner
 from rdt_interp.tracing.interventions import Intervention, StepContext
 from rdt_interp.tracing.recorder import Recorder
 from rdt_interp.tracing.runner import Runner
@@ -41,10 +43,9 @@ def make_runner(
     recorders: Sequence[Recorder] = (),
 ) -> Runner:
     if backend == "hooks":
-        from rdt_interp.tracing.hooks import HookRunner
-
         return HookRunner(adapter, interventions, recorders)
     if backend == "nnsight":
+        # lazy: nnsight is heavy and only this backend needs it
         from rdt_interp.tracing.session import NNsightRunner
 
         return NNsightRunner(adapter, interventions, recorders)
@@ -130,8 +131,6 @@ def complete(
     desc: str = "generate",
 ) -> list[str]:
     """Greedy text completions of chat prompts (batched by length, returned in input order)."""
-    from tqdm.auto import tqdm
-
     decode = getattr(model, "decode", None)
     if decode is None:
         raise ConfigError(f"{model.name} cannot decode text", fix="use a ChatModel")

@@ -17,18 +17,28 @@ import math
 import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from rdt_interp.directions.direction import Direction
 from rdt_interp.errors import ConfigError, DModelMismatchError
 from rdt_interp.models.adapter import to_device
 from rdt_interp.roles import ANY_REAL, Role, role_mask
 
 Phase = Literal["prefill", "decode", "both"]
+
+
+@runtime_checkable
+class DirectionLike(Protocol):
+    """What carries its tensor as ``.vector``: a :class:`rdt_interp.directions.Direction`.
+
+    Structural, so the tracing core does not import the directions layer built on top of it.
+    """
+
+    @property
+    def vector(self) -> Tensor: ...
 
 
 class Site(enum.StrEnum):
@@ -64,7 +74,7 @@ class StepContext:
     step: int = 0
 
 
-def _as_vector(direction: Tensor | Direction) -> Tensor:
+def _as_vector(direction: Tensor | DirectionLike) -> Tensor:
     """The direction's tensor; NaN/inf is refused here, since it would steer silently into
     garbage tokens (a :class:`Direction` checks this too, a raw tensor did not)."""
     vec = getattr(direction, "vector", direction)
@@ -102,7 +112,7 @@ class AddDirection:
     ``alpha`` is a number, or one number per batch row (a 1-D tensor) for per-row steering.
     """
 
-    direction: Tensor | Direction
+    direction: Tensor | DirectionLike
     alpha: float | Tensor
     layers: int | Sequence[int]
     roles: Role = ANY_REAL
@@ -172,7 +182,7 @@ class AblateDirection:
     attention and MLP outputs, at all positions, in prefill and decode.
     """
 
-    direction: Tensor | Direction
+    direction: Tensor | DirectionLike
     layers: Sequence[int] | None = None  # None: every layer
     sites: tuple[Site, ...] = (Site.RESID_PRE, Site.ATTN_OUT, Site.MLP_OUT)
     phase: Phase = "both"
@@ -235,20 +245,44 @@ class InterventionPlan:
         return h
 
 
-def rdt(direction: Tensor | Direction, alpha_act: float, layers: int | Sequence[int]) -> list[Intervention]:
+def rdt(direction: Tensor | DirectionLike, alpha_act: float, layers: int | Sequence[int]) -> list[Intervention]:
     """RDT: add ``alpha_act * r`` at action positions during decoding."""
     return [AddDirection(direction, alpha_act, layers, roles=Role.ACTION, phase="decode")]
 
 
 def rdt_plus(
-    direction: Tensor | Direction,
+    direction: Tensor | DirectionLike,
     alpha_act: float,
     alpha_text: float,
     layers: int | Sequence[int],
     *,
     include_image: bool = False,
 ) -> list[Intervention]:
-    """RDT+: RDT plus ``alpha_text * r`` at text (and optionally image) positions in prefill."""
+    """RDT+: RDT plus ``alpha_text * r`` at text (and optionally image) positions in prefill.
+
+    Parameters
+    ----------
+    direction
+        ``[d_model]`` tensor or a :class:`~rdt_interp.directions.Direction` (NaN/inf refused).
+    alpha_act, alpha_text
+        Scales at the generated action tokens (decode) and at the prompt's text (prefill).
+    layers
+        Decoder layers to steer (their input, ``resid_pre``).
+    include_image
+        Steer the image-patch positions in prefill too.
+
+    Returns
+    -------
+    list of Intervention
+        The decode-phase RDT edit, then the prefill-phase text edit.
+
+    Examples
+    --------
+    >>> import torch
+    >>> edits = rdt_plus(torch.ones(8), alpha_act=4.0, alpha_text=2.0, layers=[3, 5])
+    >>> [(e.alpha, e.phase, e.layers) for e in edits]
+    [(4.0, 'decode', (3, 5)), (2.0, 'prefill', (3, 5))]
+    """
     text_roles = Role.TEXT | Role.IMAGE if include_image else Role.TEXT
     return rdt(direction, alpha_act, layers) + [
         AddDirection(direction, alpha_text, layers, roles=text_roles, phase="prefill")

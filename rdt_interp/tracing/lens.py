@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import AutoTokenizer
 
 from rdt_interp.errors import ConfigError
 from rdt_interp.models.adapter import EncodedBatch, ModelAdapter
@@ -38,9 +39,8 @@ def bridge_for(adapter: ModelAdapter) -> Any:
     if tokenizer is None:
         raise ConfigError("the transformer_lens backend needs a chat model with a tokenizer",
                           fix="use backend='nnsight' for VLAs")
+    # lazy: transformer_lens takes seconds to import and only this backend needs it
     from transformer_lens.model_bridge import TransformerBridge
-    from transformers import AutoTokenizer
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # The bridge swaps the model's submodules for its own wrappers in place. Give it a copy of
     # the module tree that shares every parameter and buffer (no extra memory), so the adapter's

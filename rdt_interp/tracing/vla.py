@@ -36,16 +36,17 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from rdt_interp.errors import ConfigError, DModelMismatchError, UnknownNameError
 from rdt_interp.models.adapter import EncodedBatch, to_device
-from rdt_interp.models.vla import VLAAdapter
+from rdt_interp.models.vla import ActionPrediction, VLAAdapter, VLARequest
 from rdt_interp.roles import ANY_REAL, Role, Selector, role_mask
 from rdt_interp.tracing.capture import Activations
-from rdt_interp.tracing.generation import Backend, Generation, make_runner
+from rdt_interp.tracing.generation import Backend, Generation, generate, make_runner
 from rdt_interp.tracing.interventions import (
     AddDirection,
     Intervention,
@@ -254,12 +255,20 @@ class RoleActivations:
         texts = tuple(self.texts[i] for i in idx.tolist()) if self.texts else ()
         return RoleActivations(acts, self.action_ids[idx], texts, self.model)
 
+    def role_names(self, roles: Sequence[str | RoleSpec] | None = None) -> tuple[str, ...]:
+        """Names of ``roles`` (role specs or names; ``None``: every captured role)."""
+        return self.roles if roles is None else tuple(RoleSpec.parse(r).name for r in roles)
+
     def labeled(self, y: Any, *, split: str, roles: Sequence[str] | None = None) -> Any:
-        """A :class:`~rdt_interp.analysis.probes.Labeled` grid (positions = role names)."""
+        """A :class:`~rdt_interp.analysis.probes.Labeled` grid (positions = role names).
+
+        The convenience form of :meth:`Labeled.from_roles <rdt_interp.analysis.probes.Labeled.from_roles>`.
+        """
+        # Lazy on purpose: Labeled is in rdt_interp.analysis, the layer above tracing. This one
+        # upward import is listed (and only it) in the layers contract (.importlinter).
         from rdt_interp.analysis.probes import Labeled
 
-        names = self.roles if roles is None else tuple(RoleSpec.parse(r).name for r in roles)
-        return Labeled(self.grid(names), torch.as_tensor(y), self.layers, names, split, dict(self.model))
+        return Labeled.from_roles(self, y, split=split, roles=roles)
 
 
 def _check_vla(adapter: Any) -> VLAAdapter:
@@ -267,6 +276,24 @@ def _check_vla(adapter: Any) -> VLAAdapter:
         raise ConfigError(f"{type(adapter).__name__} is not a VLAAdapter",
                           fix="action roles and steering modes need a VLA adapter")
     return adapter
+
+
+def predict_actions(
+    adapter: VLAAdapter,
+    requests: Sequence[VLARequest],
+    *,
+    unnorm_key: str | None = None,
+    interventions: Sequence[Any] = (),
+    backend: Backend = "hooks",
+    recorders: Sequence[Any] = (),
+    return_logits: bool = False,
+) -> ActionPrediction:
+    """Greedy action prediction for a batch (every row gets what it gets alone): ``action_dim``
+    tokens generated under ``interventions``, decoded by :meth:`VLAAdapter.decode_actions`."""
+    batch = adapter.encode(requests, padding_side="left")
+    gen = generate(adapter, batch, max_new_tokens=adapter.action_dim, interventions=interventions,
+                   recorders=recorders, backend=backend, stop_at_eos=False, return_logits=return_logits)
+    return adapter.decode_actions(gen.tokens, gen.logits, unnorm_key=unnorm_key)
 
 
 def action_token_ids(adapter: VLAAdapter, constrain: bool) -> Tensor | None:
@@ -326,8 +353,6 @@ def capture_roles(
                                    StepContext("prefill", batch.roles), need_output=False)
                 tokens = torch.empty((len(chunk), 0), dtype=torch.long)
             else:
-                from rdt_interp.tracing.generation import generate
-
                 gen = generate(adapter, batch, max_new_tokens=n_new, interventions=interventions,
                                recorders=[rec], backend=backend, allowed_token_ids=allowed,  # type: ignore[list-item]
                                stop_at_eos=False)
@@ -339,7 +364,8 @@ def capture_roles(
             bar.update(len(chunk))
     bar.close()
     desc = adapter.describe()
-    acts = {s.name: Activations(torch.stack([parts[i][s.name] for i in range(len(requests))])[:, :, None],
+    acts = {s.name: Activations(rearrange(torch.stack([parts[i][s.name] for i in range(len(requests))]),
+                                          "n layer d -> n layer 1 d"),
                                 layer_list, Site.parse(site).value, s.name, list(texts), desc)
             for s in specs}
     return RoleActivations(acts, torch.stack([ids[i] for i in range(len(requests))]), tuple(texts), desc)

@@ -17,6 +17,7 @@ from rdt_interp.tracing.vla import (
     RoleSpec,
     capture_roles,
     decode_from,
+    predict_actions,
     run_prefill,
     select_cache_rows,
     steer_vla,
@@ -138,11 +139,15 @@ def test_role_specs_and_errors(vla):
 
 
 def test_role_activations_feed_the_probes(vla):
-    from rdt_interp.analysis.probes import probe_grid
+    from rdt_interp.analysis.probes import Labeled, probe_grid
 
     caps = capture_roles(vla, requests_for(vla, 8, seed=2), roles=("last_text", "first_action"), layers=[0, 1])
     data = caps.labeled(torch.tensor([1, 0] * 4, dtype=torch.bool), split="test")
     assert data.positions == ("last_text", "first_action") and data.layers == (0, 1)
+    # the method is the convenience form of Labeled.from_roles (the analysis layer's own)
+    direct = Labeled.from_roles(caps, torch.tensor([1, 0] * 4, dtype=torch.bool), split="test",
+                                roles=("first_action",))
+    assert direct.positions == ("first_action",) and torch.equal(direct.x[:, :, 0], data.x[:, :, 1])
     grid = probe_grid(data, directions=unit_direction(vla, 1.0), probe=False, n_boot=50, n_perm=50)
     assert grid.proj_auc.shape == (2, 2)
     sub = caps.select([0, 2])
@@ -272,3 +277,14 @@ def test_steer_vla_refuses_a_non_finite_direction():
     rows[1, 2] = float("inf")
     with pytest.raises(ConfigError, match="NaN/inf"):
         steer_vla(rows, "text+action", 2.0, [0], per_row=True)
+
+
+def test_predict_actions_function_and_method_agree(vla):
+    reqs = requests_for(vla, 2, seed=4)
+    ivs = steer_vla(unit_direction(vla, NORM), "action", 1.5, [0])
+    a = predict_actions(vla, reqs, interventions=ivs, return_logits=True)
+    b = vla.predict_actions(reqs, interventions=ivs, return_logits=True)
+    assert torch.equal(a.token_ids, b.token_ids) and torch.equal(a.action_logits, b.action_logits)
+    assert a.token_ids.shape == (2, vla.action_dim) and a.action_logits.shape[-1] == len(vla.action_tokenizer.token_ids)
+    # decoding is the adapter's: tokens -> bins -> normalized actions
+    assert torch.equal(a.bins, vla.action_tokenizer.ids_to_bins(a.token_ids))

@@ -20,16 +20,17 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+from transformers import AutoTokenizer
 
 from rdt_interp.errors import CheckpointError, ConfigError
 from rdt_interp.models.action_tokenizer import ActionTokenizer
 from rdt_interp.models.adapter import (
     EncodedBatch,
     PaddingSide,
-    find_decoder_layers,
     pad_sequences,
     position_ids_from_mask,
 )
+from rdt_interp.models.architectures import model_components
 from rdt_interp.models.openvla.config import OpenVLAConfig
 from rdt_interp.models.openvla.modeling import (
     MultimodalLayout,
@@ -40,6 +41,7 @@ from rdt_interp.models.openvla.modeling import (
 from rdt_interp.models.openvla.processor import OpenVLAImageProcessor
 from rdt_interp.models.openvla.prompt import OpenVLAPrompt
 from rdt_interp.models.openvla.weights import SafetensorsCheckpoint, load_weights
+from rdt_interp.models.tiny import TINY_SPECS, byte_tokenizer
 from rdt_interp.models.vla import VLAAdapter, VLARequest
 from rdt_interp.roles import Role
 
@@ -71,29 +73,32 @@ class OpenVLAAdapter(VLAAdapter):
         self._prompt = OpenVLAPrompt.for_tokenizer(tokenizer, empty_token_id) if tokenizer is not None else None
         self._action_tokenizer = ActionTokenizer.from_openvla_config(self.config.to_dict())
         n = int(self.config.text_config["num_hidden_layers"])
-        path, self._layers = find_decoder_layers(model.language_model, n)
-        self._layers_path = f"language_model.{path}"
+        self.components = model_components(model, n_layers=n)
 
     # -- structure -----------------------------------------------------------------------------
     @property
     def layers(self) -> nn.ModuleList:
-        return self._layers
+        return self.components.layers
 
     @property
     def layers_path(self) -> str:
-        return self._layers_path
+        return self.components.paths.layers
 
     @property
     def d_model(self) -> int:
         return self.config.llm_dim
 
     @property
+    def embed(self) -> nn.Module:
+        return self.components.embed
+
+    @property
     def final_norm(self) -> nn.Module:
-        return self.model.language_model.get_decoder().norm
+        return self.components.final_norm
 
     @property
     def lm_head(self) -> nn.Module:
-        return self.model.language_model.get_output_embeddings()
+        return self.components.lm_head
 
     @property
     def action_tokenizer(self) -> ActionTokenizer:
@@ -217,8 +222,6 @@ def load_openvla(
     model = build_empty_model(config, dtype=dtype, device=device)
     load_weights(model, ckpt, where=str(root))
     if tokenizer is None and _has_tokenizer(root):
-        from transformers import AutoTokenizer
-
         try:
             tokenizer = AutoTokenizer.from_pretrained(root)
         except (OSError, ValueError) as exc:
@@ -292,8 +295,6 @@ def build_random_openvla(
     model = build_empty_model(cfg, dtype=dtype, device=device)
     fill_random_(model, seed)
     if tokenizer is None:
-        from rdt_interp.models.tiny import TINY_SPECS, byte_tokenizer
-
         tokenizer = byte_tokenizer(TINY_SPECS["tiny-llama"])
     adapter = OpenVLAAdapter(model, tokenizer, name=f"random-{cfg.vision_backbone_id}",
                              constrain_actions=constrain_actions, random_weights=True)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from transformers import AutoConfig
+
 from rdt_interp.errors import CheckpointError, ConfigError
 
 ViTFamily = Literal["dinov2", "siglip"]
@@ -244,8 +246,6 @@ def _complete_text_config(text: dict[str, Any]) -> dict[str, Any]:
     reference built it with the ``LlamaConfig`` defaults (hidden 4096, 32 layers, 32 heads,
     intermediate 11008, ``rms_norm_eps`` 1e-6), which transformers 5 still has.
     """
-    from transformers import AutoConfig
-
     try:
         hf = AutoConfig.for_model(text["model_type"], **{k: v for k, v in text.items() if k != "model_type"})
     except (KeyError, ValueError) as exc:

@@ -17,12 +17,13 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from rdt_interp.errors import ConfigError
 from rdt_interp.models.adapter import position_ids_from_mask
+from rdt_interp.models.meta_init import fill_random_, materialize_, parameters_on_meta
 from rdt_interp.models.openvla.config import OpenVLAConfig
 from rdt_interp.models.openvla.vision import VisionBackbone
-from rdt_interp.models.random_init import fill_random_, materialize_, parameters_on_meta
 
 
 class Projector(nn.Module):
@@ -105,8 +106,6 @@ class OpenVLAModel(nn.Module):
 
     def __init__(self, config: OpenVLAConfig) -> None:
         super().__init__()
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         self.config = config
         self.vision_backbone = VisionBackbone(config.vision)
         self.projector = Projector(config.vision_dim, config.llm_dim, fused=config.use_fused_vision_backbone)
@@ -213,7 +212,7 @@ def _text_mask_from_decoder_mask(mask: Tensor, n_patch: int) -> Tensor:
     return mask.gather(1, src)
 
 
-# -- construction without paying for initialisation (rdt_interp.models.random_init) -----------
+# -- construction without paying for initialisation (rdt_interp.models.meta_init) -------------
 
 
 def build_empty_model(config: OpenVLAConfig, *, dtype: torch.dtype, device: torch.device | str) -> OpenVLAModel:

@@ -20,6 +20,12 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
+from transformers import (
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 
 from rdt_interp.errors import CheckpointError, ConfigError
 from rdt_interp.models.openvla.config import ViTSpec
@@ -58,8 +64,6 @@ def build_hf_vit(spec: ViTSpec) -> nn.Module:
         attn_implementation="sdpa",
     )
     if spec.family == "dinov2":
-        from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
-
         if not spec.layerscale or not spec.class_token:
             raise CheckpointError(f"{spec.timm_id}: only DINOv2 with class token and LayerScale is supported")
         if spec.mlp_dim % spec.embed_dim:
@@ -72,8 +76,6 @@ def build_hf_vit(spec: ViTSpec) -> nn.Module:
         model = Dinov2WithRegistersModel(cfg)
         fc1 = model.encoder.layer[0].mlp.fc1 if spec.depth else None
     elif spec.family == "siglip":
-        from transformers import SiglipVisionConfig, SiglipVisionModel
-
         if spec.class_token or spec.num_registers or spec.layerscale:
             raise CheckpointError(f"{spec.timm_id}: SigLIP without class/register tokens expected")
         cfg = SiglipVisionConfig(**common, intermediate_size=spec.mlp_dim, vision_use_head=True)
