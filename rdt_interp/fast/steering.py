@@ -31,6 +31,7 @@ from rdt_interp.tracing.interventions import (
     InterventionPlan,
     Site,
     StepContext,
+    alpha_scale,
 )
 
 PhaseName = Literal["prefill", "decode"]
@@ -155,11 +156,5 @@ class SteeringBuffers:
 
 def prefill_scale(iv: AddDirection, roles: Int[Tensor, "batch seq"], dtype: torch.dtype) -> Tensor:
     """``alpha`` where ``roles`` match ``iv.roles``, else 0, computed (and rounded) as
-    :meth:`AddDirection.apply` computes its scale; ``[batch, seq]`` in ``dtype``."""
-    mask = role_mask(roles, iv.roles).to(dtype)
-    alpha = iv.alpha
-    if isinstance(alpha, Tensor):
-        if alpha.ndim != 1 or alpha.shape[0] != roles.shape[0]:
-            raise ConfigError(f"per-row alpha has shape {tuple(alpha.shape)}, batch has {roles.shape[0]} rows")
-        return alpha.to(device=roles.device, dtype=dtype)[:, None] * mask
-    return float(alpha) * mask
+    :meth:`AddDirection.apply` computes its scale (:func:`alpha_scale`); ``[batch, seq]`` in ``dtype``."""
+    return alpha_scale(iv.alpha, role_mask(roles, iv.roles), dtype, roles.device)
