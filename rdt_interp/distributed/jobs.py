@@ -17,7 +17,7 @@ A job is a JSON or TOML file (``python -m rdt_interp.distributed.worker JOB --ru
     path = "direction.safetensors"   # a saved Direction ...
     # random = { seed = 0, norm = 8.0, layer = 14 }   # ... or a seeded random one
 
-    [vla]                            # rdt_interp.experiments.vla_rdt.VLARDTConfig fields
+    [vla]                            # rdt_interp.studies.vla.VLARDTConfig fields
     alphas = [2.0, 4.0]
 
     [capture]                        # task "capture": a chat model captures prompts at a selector,
@@ -95,7 +95,7 @@ def parse_job(data: Mapping[str, Any], *, source: str = "job") -> Job:
         raise ConfigError(f"{source}: unknown capture keys {extra}", fix=f"use {sorted(_CAPTURE_KEYS)}")
     vla = dict(data.get("vla") or {})
     if any(t in ("vla_rdt", "sweep", "specificity") for t in tasks):
-        from rdt_interp.experiments.vla_rdt import VLARDTConfig
+        from rdt_interp.studies.vla import VLARDTConfig
 
         cfg = VLARDTConfig.from_dict(vla)  # raises on unknown fields / bad values
         if "specificity" in tasks and cfg.alpha is None:

@@ -30,10 +30,11 @@ from rdt_interp.directions.selection import (
 from rdt_interp.distributed.context import DistContext
 from rdt_interp.distributed.plan import Shard, ShardPlan
 from rdt_interp.distributed.shards import ShardData, run_sharded
-from rdt_interp.experiments.rundir import RunDir
+from rdt_interp.errors import ConfigError
 from rdt_interp.models.chat import ChatModel
 from rdt_interp.prompts import PromptSet, instructions
 from rdt_interp.storage import digest_strings, digest_tensor
+from rdt_interp.studies.rundir import RunDir
 from rdt_interp.tracing.interventions import AblateDirection, AddDirection
 
 

@@ -21,7 +21,7 @@ from rdt_interp.distributed.shards import (
     run_sharded,
 )
 from rdt_interp.errors import ConfigError
-from rdt_interp.experiments.rundir import RunDir
+from rdt_interp.studies.rundir import RunDir
 
 
 def _plan(costs, name="p", inputs=None) -> ShardPlan:

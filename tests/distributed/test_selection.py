@@ -18,7 +18,7 @@ from rdt_interp.directions.selection import SelectionConfig, select_direction
 from rdt_interp.distributed.context import DistContext
 from rdt_interp.distributed.selection import sharded_selection
 from rdt_interp.distributed.shards import MissingShardsError
-from rdt_interp.experiments.rundir import RunDir
+from rdt_interp.studies.rundir import RunDir
 from rdt_interp.models import load_chat_model
 from rdt_interp.storage import read_json
 

@@ -1,5 +1,5 @@
 """Figures of the VLA steering study, from synthetic results with a planted steering effect
-(model-free: the runs on real adapters are in tests/experiments/test_vla_rdt.py)."""
+(model-free: the runs on real adapters are in tests/studies/test_vla_rdt.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from rdt_interp.analysis.probes import Labeled, probe_grid
 from rdt_interp.analysis.specificity import ProjectionAUC, specificity_test
 from rdt_interp.errors import ConfigError
-from rdt_interp.experiments.vla_rdt import (
+from rdt_interp.studies.vla import (
     ActionSet,
     DecouplingResult,
     SweepResult,

@@ -6,7 +6,7 @@ validation prompts are filtered first (:func:`~rdt_interp.directions.selection.f
 harmful ones the model does not refuse and harmless ones it does are dropped (step ``filter``;
 ``filter_data = false`` turns it off, a departure the report names). Test prompts are never
 filtered. Every step is cached in the run directory
-(:class:`~rdt_interp.experiments.rundir.RunDir`), so an interrupted run resumes.
+(:class:`~rdt_interp.studies.rundir.RunDir`), so an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from rdt_interp.directions.selection import (
     select_direction,
 )
 from rdt_interp.errors import ConfigError, SelectionError
-from rdt_interp.experiments.rundir import RunDir
 from rdt_interp.models.chat import ChatModel
 from rdt_interp.prompts import load_split
 from rdt_interp.storage import digest_strings, digest_tensor
+from rdt_interp.studies.rundir import RunDir
 from rdt_interp.tracing.generation import complete
 from rdt_interp.tracing.interventions import AblateDirection, AddDirection
 

@@ -6,8 +6,8 @@ import pytest
 
 from rdt_interp.directions.selection import FilteredPrompts, SelectionConfig
 from rdt_interp.errors import ConfigError
-from rdt_interp.experiments import chat_refusal
-from rdt_interp.experiments.chat_refusal import (
+from rdt_interp.studies.chat import pipeline as chat_refusal
+from rdt_interp.studies.chat import (
     ChatRefusalConfig,
     chat_run_dir,
     chat_splits,

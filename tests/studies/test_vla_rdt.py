@@ -13,7 +13,7 @@ from rdt_interp.analysis.behaviour import action_metrics, zero_motion_mass
 from rdt_interp.analysis.stats import auc_groups
 from rdt_interp.directions.direction import Direction, Provenance
 from rdt_interp.errors import ConfigError, DModelMismatchError
-from rdt_interp.experiments.vla_rdt import (
+from rdt_interp.studies.vla import (
     ActionSet,
     DecouplingResult,
     SteeringEffect,

@@ -10,7 +10,7 @@ optionally a VLA and the VLA-side study settings::
     dtype = "float32"
     device = "cpu"
 
-    [chat]                                   # rdt_interp.experiments.chat_refusal.ChatRefusalConfig
+    [chat]                                   # rdt_interp.studies.chat.ChatRefusalConfig
     n_train = 128
     alphas = [1.0, 2.0, 4.0]
     [chat.selection]                         # rdt_interp.directions.selection.SelectionConfig
@@ -24,7 +24,7 @@ optionally a VLA and the VLA-side study settings::
     [vla_model]
     adapter = "testbed"                      # testbed | testbed-tiny | openvla | openvla-7b-random
 
-    [vla]                                    # rdt_interp.experiments.vla_rdt.VLARDTConfig
+    [vla]                                    # rdt_interp.studies.vla.VLARDTConfig
     alphas = [1.0, 2.0, 4.0]
 
 Sections map one-to-one onto the frozen config dataclasses of the studies, validated with
@@ -44,8 +44,8 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from rdt_interp.directions.selection import SelectionConfig
 from rdt_interp.errors import ConfigError
-from rdt_interp.experiments.chat_refusal import ChatRefusalConfig
-from rdt_interp.experiments.vla_rdt import VLARDTConfig
+from rdt_interp.studies.chat import ChatRefusalConfig
+from rdt_interp.studies.vla import VLARDTConfig
 
 VLAKind = Literal["testbed", "testbed-tiny", "openvla", "openvla-7b-random"]
 #: dtypes a config may name (a typo is a config error, not an AttributeError after the chat side ran)
@@ -122,7 +122,7 @@ def parse_config(data: dict[str, Any], *, source: str = "config") -> StudyConfig
 
     Strict: a number must be written as a number (``alpha = "2"`` is an error, not 2.0), an
     integer as an integer; TOML arrays fill tuple fields. Model names are checked separately
-    (:func:`rdt_interp.experiments.study.check_models`), since that looks at the filesystem.
+    (:func:`rdt_interp.studies.study.check_models`), since that looks at the filesystem.
     """
     try:
         # JSON mode is what makes strict validation accept arrays for tuple fields.
@@ -136,7 +136,7 @@ def parse_config(data: dict[str, Any], *, source: str = "config") -> StudyConfig
                 msg = "unknown key"
             lines.append(f"  {loc}: {msg}")
         raise ConfigError(f"{source} is invalid:\n" + "\n".join(lines),
-                          fix="see the schema in rdt_interp/experiments/config.py (docs/cli.md)") from None
+                          fix="see the schema in rdt_interp/studies/config.py (docs/cli.md)") from None
 
 
 def load_config(path: str | os.PathLike[str]) -> StudyConfig:
