@@ -130,6 +130,11 @@ class SteeringSpec:
             raise ConfigError(f"unknown SteeringSpec fields {unknown}", fix=f"use {sorted(known - {'kind'})}")
         if "mode" not in d or "alpha" not in d or "layers" not in d:
             raise ConfigError("a SteeringSpec needs mode, alpha and layers")
+        for name in ("alpha", "text_ratio"):
+            value = d.get(name, 1.0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"SteeringSpec.{name} must be a number, got {type(value).__name__} {value!r}",
+                                  fix=f"write {name} = 2.0, not a string")
         return cls(str(d["mode"]), d["alpha"], tuple(d["layers"]), d.get("text_ratio", 1.0),
                    bool(d.get("include_image", False)), d.get("direction"))
 
