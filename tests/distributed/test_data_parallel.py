@@ -29,10 +29,10 @@ from rdt_interp.distributed.context import single_process
 from rdt_interp.distributed.launch import launch
 from rdt_interp.distributed.shards import FAULT_ENV, FAULT_EXIT_CODE
 from rdt_interp.distributed.vla import run_vla_rdt_distributed
-from rdt_interp.studies.rundir import RunDir
-from rdt_interp.studies.vla import ActionSet, VLARDTConfig, load_requests, run_vla_rdt
 from rdt_interp.models import load_chat_model
 from rdt_interp.storage import read_json
+from rdt_interp.studies.rundir import RunDir
+from rdt_interp.studies.vla import ActionSet, VLARDTConfig, load_requests, run_vla_rdt
 from rdt_interp.tracing.capture import capture
 from rdt_interp.tracing.vla import capture_roles
 

@@ -14,6 +14,7 @@ from rdt_interp.defenses.prompting import DefensivePrompt
 from rdt_interp.defenses.subspace import subspace_from_activations
 from rdt_interp.directions.direction import Direction, Provenance
 from rdt_interp.errors import ConfigError
+from rdt_interp.storage import read_json
 from rdt_interp.studies.defenses import (
     DEFENSES,
     DefenseContext,
@@ -26,7 +27,6 @@ from rdt_interp.studies.defenses import (
     zero_motion_rate,
 )
 from rdt_interp.studies.vla import ActionSet, load_requests, predict
-from rdt_interp.storage import read_json
 
 from ..vla_adapters import unit_direction
 
