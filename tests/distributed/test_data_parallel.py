@@ -72,7 +72,7 @@ def tiny(tmp_path_factory):
 def _job(path: Path, direction: Path, tasks: list[str]) -> Path:
     manifest = json.loads((FIXTURE / "manifest.json").read_text())
     job = {"task": tasks, "direction": {"path": str(direction)}, "vla": VLA, "capture": CAPTURE,
-           "model": {"kind": "openvla-random", "config": str(CHECKPOINT / "config.json"), "text_config": TEXT,
+           "model": {"kind": "openvla-7b-random", "config": str(CHECKPOINT / "config.json"), "text_config": TEXT,
                      "image_size": 112, "vision_overrides": manifest["vision_overrides"], "seed": 3,
                      "dtype": "float32"}}
     path.write_text(json.dumps(job))
