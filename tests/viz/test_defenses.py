@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from rdt_interp.errors import ConfigError
+from rdt_interp.models.action_tokenizer import ActionTokenizer
+from rdt_interp.storage import to_json
 from rdt_interp.studies.defenses import (
     DefenseCondition,
     DefensesConfig,
@@ -18,8 +20,6 @@ from rdt_interp.studies.defenses import (
     zero_motion_rate,
 )
 from rdt_interp.studies.vla import ActionSet, condition_metrics
-from rdt_interp.models.action_tokenizer import ActionTokenizer
-from rdt_interp.storage import to_json
 from rdt_interp.viz.defenses import pareto_figure
 from rdt_interp.viz.style import save_figure
 

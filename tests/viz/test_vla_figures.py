@@ -13,6 +13,8 @@ import torch
 from rdt_interp.analysis.probes import Labeled, probe_grid
 from rdt_interp.analysis.specificity import ProjectionAUC, specificity_test
 from rdt_interp.errors import ConfigError
+from rdt_interp.models.action_tokenizer import ActionTokenizer
+from rdt_interp.storage import to_json
 from rdt_interp.studies.vla import (
     ActionSet,
     DecouplingResult,
@@ -20,8 +22,6 @@ from rdt_interp.studies.vla import (
     VLARDTConfig,
     condition_metrics,
 )
-from rdt_interp.models.action_tokenizer import ActionTokenizer
-from rdt_interp.storage import to_json
 from rdt_interp.viz import vla as fig
 from rdt_interp.viz.style import save_figure
 
