@@ -310,7 +310,8 @@ class CandidateScorer:
             exc.scores = tuple(scores)  # the whole table, screening included
             raise
         _, _, base_h, base_hl = self.batches(self.final_n)
-        norms = {f"{ly},{p}": float(self.vector(ly, p).norm()) for ly, p in self.pairs}
+        c = self.candidates
+        norms = {f"{ly},{p}": float(c.vectors[c.layers.index(ly), c.positions.index(p)].norm()) for ly, p in self.pairs}
         return SelectionResult(
             layer=best.layer, position=best.position, filters_passed=relaxation is None, scores=tuple(scores),
             baseline_harmful=float(refusal_score(base_h, self.refusal_ids).mean()),
