@@ -1,1 +1,1 @@
-from ..vla_adapters import vla  # noqa: F401  (the VLA families, for tests/studies/test_vla_rdt.py)
+from ..vla_adapters import vla  # noqa: F401  (the VLA families, for tests/studies/vla and tests/studies/defenses)

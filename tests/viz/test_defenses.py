@@ -1,5 +1,5 @@
 """The defense Pareto figure and table, from a synthetic comparison with planted effects
-(model-free: the runs on real adapters are in tests/studies/test_defenses.py)."""
+(model-free: the runs on real adapters are in tests/studies/defenses/test_pipeline.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Figures of the VLA steering study, from synthetic results with a planted steering effect
-(model-free: the runs on real adapters are in tests/studies/test_vla_rdt.py)."""
+(model-free: the runs on real adapters are in tests/studies/vla/test_pipeline.py)."""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ from rdt_interp.studies.vla import (
 )
 from rdt_interp.tracing.vla import capture_roles, steer_vla
 
-from ..vla_adapters import unit_direction
+from ...vla_adapters import unit_direction
 
 NORM = 0.3
 

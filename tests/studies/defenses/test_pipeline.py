@@ -28,7 +28,7 @@ from rdt_interp.studies.defenses import (
 )
 from rdt_interp.studies.vla import ActionSet, load_requests, predict
 
-from ..vla_adapters import unit_direction
+from ...vla_adapters import unit_direction
 
 
 def _direction(vla) -> Direction:
