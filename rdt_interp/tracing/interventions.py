@@ -353,5 +353,8 @@ def rdt_plus(
     include_image: bool = False,
 ) -> list[Intervention]:
     """RDT+: RDT plus ``alpha_text * r`` at text (and optionally image) positions in prefill
-    (:func:`steer`, mode ``text+action``)."""
-    return steer(direction, "text+action", alpha_act, layers, alpha_text=alpha_text, include_image=include_image)
+    (:func:`steer`, mode ``text+action``), listed RDT first: the fast path's captured steps are
+    keyed by where edits go, not by their order in the list, so the order stays what it was."""
+    text, act = steer(direction, "text+action", alpha_act, layers, alpha_text=alpha_text,
+                      include_image=include_image)
+    return [act, text]

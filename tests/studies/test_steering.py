@@ -16,6 +16,8 @@ from rdt_interp.tracing.interventions import AddRowDirections, rdt, rdt_plus, st
 
 
 def _same(a, b) -> bool:
+    """The same interventions (compared per phase: the order across phases changes nothing)."""
+    a, b = sorted(a, key=lambda iv: iv.phase), sorted(b, key=lambda iv: iv.phase)
     return len(a) == len(b) and all(
         type(x) is type(y) and torch.equal(x.direction, y.direction) and x.alpha == y.alpha and x.layers == y.layers
         and x.roles == y.roles and x.phase == y.phase and x.site == y.site for x, y in zip(a, b, strict=True))

@@ -80,8 +80,8 @@ def test_rdt_and_rdt_plus_values():
     r = torch.ones(4)
     (a,) = rdt(r, 3.0, [1, 2])
     assert a.roles == Role.ACTION and a.phase == "decode" and a.layers == (1, 2)
-    (text,) = [iv for iv in rdt_plus(r, 3.0, 1.5, 2, include_image=True) if iv.phase == "prefill"]
-    assert text.roles == Role.TEXT | Role.IMAGE and text.alpha == 1.5
+    ivs = rdt_plus(r, 3.0, 1.5, 2, include_image=True)
+    assert ivs[1].roles == Role.TEXT | Role.IMAGE and ivs[1].phase == "prefill" and ivs[1].alpha == 1.5
 
 
 def _ivs(m):
