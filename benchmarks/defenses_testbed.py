@@ -35,9 +35,9 @@ import torch  # noqa: E402
 from rdt_interp.analysis.probes import LinearProbe  # noqa: E402
 from rdt_interp.defenses.subspace import SafetySubspace, subspace_from_activations  # noqa: E402
 from rdt_interp.directions.direction import Direction, Provenance  # noqa: E402
-from rdt_interp.studies.defenses import DEFENSES, DefensesConfig, run_defenses  # noqa: E402
 from rdt_interp.prompts import load_split  # noqa: E402
 from rdt_interp.storage import digest_strings  # noqa: E402
+from rdt_interp.studies.defenses import DEFENSES, DefensesConfig, run_defenses  # noqa: E402
 
 
 def _log(t0: float, msg: str) -> None:
