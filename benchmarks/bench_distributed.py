@@ -91,7 +91,7 @@ def direction(adapter: Any, args: argparse.Namespace) -> Any:
 
 
 def config(args: argparse.Namespace, layer: int) -> Any:
-    from rdt_interp.experiments.vla_rdt import VLARDTConfig
+    from rdt_interp.studies.vla import VLARDTConfig
 
     return VLARDTConfig(alpha=args.alpha, layers=(layer,), n_random=args.directions, batch_size=args.batch_size,
                         specificity_rows=args.rows, specificity_mode="action", specificity_metric="zero_mass",
@@ -122,7 +122,7 @@ def model_parallel_check(ctx: Any, args: argparse.Namespace, adapter: Any, reqs:
                          texts: list[str]) -> dict[str, Any]:
     """Rank 0: a second copy of the model split over every GPU vs the one-GPU model."""
     from rdt_interp.distributed.placement import layer_devices, place_model
-    from rdt_interp.experiments.vla_rdt import SteeringEffect, predict
+    from rdt_interp.studies.vla import SteeringEffect, predict
     from rdt_interp.tracing.vla import steer_vla
 
     n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -170,8 +170,8 @@ def model_parallel_check(ctx: Any, args: argparse.Namespace, adapter: Any, reqs:
 def worker(args: argparse.Namespace) -> dict[str, Any] | None:
     from rdt_interp.distributed.context import init_distributed, single_process
     from rdt_interp.distributed.vla import sharded_specificity
-    from rdt_interp.experiments.rundir import RunDir
-    from rdt_interp.experiments.vla_rdt import SteeringEffect, direction_specificity
+    from rdt_interp.studies.rundir import RunDir
+    from rdt_interp.studies.vla import SteeringEffect, direction_specificity
 
     ctx = init_distributed(args.backend)
     dev = ctx.device

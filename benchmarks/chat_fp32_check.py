@@ -46,15 +46,15 @@ def main() -> None:
         refusal_score,
     )
     from rdt_interp.directions.selection import SelectionResult, filter_prompts, passes_filters
-    from rdt_interp.experiments.chat_refusal import (
+    from rdt_interp.models.loading import load_chat_model
+    from rdt_interp.storage import read_json
+    from rdt_interp.studies.chat import (
         ChatRefusalConfig,
         _pools,
         chat_run_dir,
         chat_splits,
     )
-    from rdt_interp.experiments.config import parse_config
-    from rdt_interp.models.loading import load_chat_model
-    from rdt_interp.storage import read_json
+    from rdt_interp.studies.config import parse_config
     from rdt_interp.tracing.generation import complete
     from rdt_interp.tracing.interventions import AblateDirection, AddDirection
 

@@ -13,7 +13,7 @@ post-instruction token). From that one capture come the diff-in-means refusal di
 ``--direction`` gives a saved one, e.g. the chat-side study's ``direction.safetensors``), the
 rank-``--k`` contrast subspace (VLM-Guard) and a logistic harmfulness probe (the chat-probe gate
 alternative, reported next to the VLA-probe gate). Then
-:func:`rdt_interp.experiments.defenses.run_defenses` in ``--out/run`` (resumable), which writes
+:func:`rdt_interp.studies.defenses.run_defenses` in ``--out/run`` (resumable), which writes
 ``table.md``, ``table.json``, ``result.json`` and ``figures/pareto.{pdf,png}``.
 """
 
@@ -35,9 +35,9 @@ import torch  # noqa: E402
 from rdt_interp.analysis.probes import LinearProbe  # noqa: E402
 from rdt_interp.defenses.subspace import SafetySubspace, subspace_from_activations  # noqa: E402
 from rdt_interp.directions.direction import Direction, Provenance  # noqa: E402
-from rdt_interp.experiments.defenses import DEFENSES, DefensesConfig, run_defenses  # noqa: E402
 from rdt_interp.prompts import load_split  # noqa: E402
 from rdt_interp.storage import digest_strings  # noqa: E402
+from rdt_interp.studies.defenses import DEFENSES, DefensesConfig, run_defenses  # noqa: E402
 
 
 def _log(t0: float, msg: str) -> None:

@@ -115,8 +115,8 @@ def run(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Run (or resume) a study: chat side, direction, VLA side, cross-model, figures."""
-    from rdt_interp.experiments.config import load_config
-    from rdt_interp.experiments.study import run_study
+    from rdt_interp.studies.config import load_config
+    from rdt_interp.studies.study import run_study
 
     cfg = load_config(config)
     run_dir = out or Path("runs") / cfg.name
@@ -158,8 +158,8 @@ def demo(
 ) -> None:
     """The offline demo: real Qwen2.5-Coder-0.5B-Instruct (chat side) and the learned testbed
     mini-VLA built on it (VLA side), on CPU. Resumes if interrupted."""
-    from rdt_interp.experiments.config import builtin_config
-    from rdt_interp.experiments.study import run_study
+    from rdt_interp.studies.config import builtin_config
+    from rdt_interp.studies.study import run_study
 
     cfg = builtin_config("quick" if quick else "demo")
     out = out if not (quick and out == Path("runs/demo")) else Path("runs/quick")

@@ -202,7 +202,7 @@ def test_load_json_grouped_by_label(tmp_path) -> None:
 
 
 def test_grouped_file_feeds_the_vla_requests(tmp_path) -> None:
-    from rdt_interp.experiments.vla_rdt import load_requests
+    from rdt_interp.studies.vla import load_requests
 
     path = tmp_path / "grouped.json"
     path.write_text(json.dumps(GROUPED))

@@ -83,7 +83,7 @@ def vla(request):
 
 
 def requests_for(adapter, n: int, seed: int = 0) -> list[VLARequest]:
-    from rdt_interp.experiments.vla_rdt import vla_image_size
+    from rdt_interp.studies.vla import vla_image_size
 
     size = vla_image_size(adapter)
     rng = np.random.default_rng(seed)

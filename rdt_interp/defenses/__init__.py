@@ -6,7 +6,7 @@
 * :class:`HarmGate` / :func:`gated_generate` -- probe-gated RDT+ (RDT+ only on flagged rows).
 
 RDT and RDT+ themselves are :func:`rdt_interp.tracing.vla.steer_vla` modes ``action`` and
-``text+action``. :mod:`rdt_interp.experiments.defenses` compares them all.
+``text+action``. :mod:`rdt_interp.studies.defenses` compares them all.
 """
 
 from rdt_interp.defenses.gate import (

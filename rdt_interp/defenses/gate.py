@@ -37,13 +37,12 @@ from rdt_interp.errors import ConfigError, DModelMismatchError
 from rdt_interp.models.adapter import EncodedBatch, ModelAdapter
 from rdt_interp.models.vla import VLAAdapter
 from rdt_interp.tracing.generation import Backend, Generation, generate, make_runner
-from rdt_interp.tracing.interventions import Intervention, Site, StepContext
+from rdt_interp.tracing.interventions import Intervention, Site, StepContext, steer
 from rdt_interp.tracing.vla import (
     RoleRecorder,
     RoleSpec,
     action_token_ids,
     capture_roles,
-    steer_vla,
 )
 
 
@@ -318,9 +317,8 @@ def gated_interventions(
 ) -> list[Intervention]:
     """RDT+ (or another target mode) with per-row alphas: ``alpha`` where ``fired``, else 0."""
     on = torch.as_tensor(fired, dtype=torch.bool).float()
-    a_text = alpha if alpha_text is None else alpha_text
-    return steer_vla(direction, mode, on * float(alpha), layers, alpha_text=on * float(a_text),
-                     include_image=include_image)
+    return steer(direction, mode, on * float(alpha), layers,
+                 alpha_text=None if alpha_text is None else on * float(alpha_text), include_image=include_image)
 
 
 @dataclass(frozen=True, eq=False)

@@ -238,6 +238,89 @@ def filter_prompts(
                            [t for t, v in zip(hl, shl, strict=True) if v < 0], sh, shl)
 
 
+class CandidateScorer:
+    """The scoring set-up of a selection: validation prompts, their batches and unsteered
+    log-probabilities, and the score of one candidate. :func:`select_direction` and the sharded
+    selection (:func:`rdt_interp.distributed.selection.sharded_selection`) both score through it."""
+
+    def __init__(self, model: ChatModel, candidates: CandidateDirections, harmful_val: PromptSet | Sequence[str],
+                 harmless_val: PromptSet | Sequence[str], config: SelectionConfig) -> None:
+        self.model, self.candidates, self.config = model, candidates, config
+        self.refusal_ids = model.refusal_token_ids()
+        self.h_all, self.hl_all = instructions(harmful_val), instructions(harmless_val)
+        # per class: the filter leaves fewer harmful than harmless prompts on small models
+        self.final_n = min(config.final_n, max(len(self.h_all), len(self.hl_all)))
+        self.screen_n = min(config.screen_n, self.final_n)
+        if not self.h_all or not self.hl_all:
+            raise ConfigError("selection needs validation prompts of both classes")
+        self.pairs = candidate_pairs(candidates, config, model.n_layers)
+        self._batches: dict[int, tuple[PromptBatch, PromptBatch, torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def screens(self) -> bool:
+        """Whether the candidates are screened on ``screen_n`` prompts before the final scoring."""
+        return bool(self.screen_n) and len(self.pairs) > self.config.top_k
+
+    def batches(self, n: int) -> tuple[PromptBatch, PromptBatch, torch.Tensor, torch.Tensor]:
+        """Both classes' first ``n`` prompts, the harmless ones, and their unsteered log-probabilities."""
+        if n not in self._batches:
+            h = self.h_all[:n]  # may be shorter than n
+            both = PromptBatch.build(self.model, h + self.hl_all[:n])
+            harmless = PromptBatch.build(self.model, self.hl_all[:n])
+            base = last_logprobs(self.model, both, batch_size=self.config.batch_size)
+            self._batches[n] = (both, harmless, base[:len(h)], base[len(h):])
+        return self._batches[n]
+
+    def vector(self, layer: int, pos: int) -> torch.Tensor:
+        c = self.candidates
+        return c.vectors[c.layers.index(layer), c.positions.index(pos)].float()
+
+    def ablation_and_kl(self, n: int, layer: int, pos: int) -> tuple[float, float]:
+        batch, _, _, base_hl = self.batches(n)
+        n_h = len(self.h_all[:n])
+        lp = last_logprobs(self.model, batch, [AblateDirection(self.vector(layer, pos))],
+                           batch_size=self.config.batch_size)
+        return (float(refusal_score(lp[:n_h], self.refusal_ids).mean()),
+                float(kl_divergence(base_hl, lp[n_h:]).mean()))
+
+    def screen(self, layer: int, pos: int) -> CandidateScore:
+        abl, kl = self.ablation_and_kl(self.screen_n, layer, pos)
+        return CandidateScore(layer, pos, abl, kl, None, "screen", kl <= self.config.kl_threshold)
+
+    def shortlist(self, screened: Sequence[CandidateScore]) -> list[tuple[int, int]]:
+        # Screening KL is noisier (fewer prompts): keep candidates within twice the threshold.
+        ok = [s for s in screened if s.kl <= 2 * self.config.kl_threshold] or list(screened)
+        return [(s.layer, s.position) for s in sorted(ok, key=lambda s: s.ablation)[: self.config.top_k]]
+
+    def final(self, layer: int, pos: int) -> CandidateScore:
+        cfg = self.config
+        abl, kl = self.ablation_and_kl(self.final_n, layer, pos)
+        lp = last_logprobs(self.model, self.batches(self.final_n)[1],
+                           [AddDirection(self.vector(layer, pos), cfg.steering_alpha, layer)],
+                           batch_size=cfg.batch_size)
+        steer = float(refusal_score(lp, self.refusal_ids).mean())
+        return CandidateScore(layer, pos, abl, kl, steer, "final", passes_filters(kl, steer, abl, cfg))
+
+    def result(self, scores: Sequence[CandidateScore], seconds: float) -> SelectionResult:
+        """Pick among the final scores of ``scores`` (:func:`pick`) and report."""
+        finals = [s for s in scores if s.stage == "final"]
+        try:
+            best, relaxation = pick(finals, self.config)
+        except SelectionError as exc:
+            exc.scores = tuple(scores)  # the whole table, screening included
+            raise
+        _, _, base_h, base_hl = self.batches(self.final_n)
+        c = self.candidates
+        norms = {f"{ly},{p}": float(c.vectors[c.layers.index(ly), c.positions.index(p)].norm()) for ly, p in self.pairs}
+        return SelectionResult(
+            layer=best.layer, position=best.position, filters_passed=relaxation is None, scores=tuple(scores),
+            baseline_harmful=float(refusal_score(base_h, self.refusal_ids).mean()),
+            baseline_harmless=float(refusal_score(base_hl, self.refusal_ids).mean()),
+            config=self.config, n_layers=self.model.n_layers, seconds=seconds, candidate_norms=norms,
+            relaxation=relaxation,
+        )
+
+
 def select_direction(
     model: ChatModel,
     candidates: CandidateDirections,
@@ -252,72 +335,23 @@ def select_direction(
     selection on the same candidates and prompts (e.g. :class:`SelectionError`'s ``scores``), so
     that a relaxation chosen after a failure only re-picks instead of scoring again."""
     t0 = time.perf_counter()
-    refusal_ids = model.refusal_token_ids()
-    h_all, hl_all = instructions(harmful_val), instructions(harmless_val)
-    # per class: the filter leaves fewer harmful than harmless prompts on small models
-    final_n = min(config.final_n, max(len(h_all), len(hl_all)))
-    screen_n = min(config.screen_n, final_n)
-    if not h_all or not hl_all:
-        raise ConfigError("selection needs validation prompts of both classes")
-    pairs = candidate_pairs(candidates, config, model.n_layers)
-
-    def scorer(n: int) -> tuple[PromptBatch, PromptBatch, torch.Tensor, torch.Tensor]:
-        both = PromptBatch.build(model, h_all[:n] + hl_all[:n])  # h_all[:n] may be shorter than n
-        harmless = PromptBatch.build(model, hl_all[:n])
-        base = last_logprobs(model, both, batch_size=config.batch_size)
-        return both, harmless, base[:len(h_all[:n])], base[len(h_all[:n]):]
-
-    def ablation_and_kl(batch: PromptBatch, n: int, base_hl: torch.Tensor, layer: int, pos: int):
-        r = candidates.vectors[candidates.layers.index(layer), candidates.positions.index(pos)].float()
-        lp = last_logprobs(model, batch, [AblateDirection(r)], batch_size=config.batch_size)
-        abl = float(refusal_score(lp[:len(h_all[:n])], refusal_ids).mean())
-        kl = float(kl_divergence(base_hl, lp[len(h_all[:n]):]).mean())
-        return abl, kl, r
-
+    scorer = CandidateScorer(model, candidates, harmful_val, harmless_val, config)
     if scored is not None:
         # the filters are re-applied: only the pick's settings may differ from the earlier run
         scores = [dataclasses.replace(s, passes=passes_filters(s.kl, s.steering, s.ablation, config))
                   if s.stage == "final" else s for s in scored]
         finals = [s for s in scores if s.stage == "final"]
-        if not finals or not {(s.layer, s.position) for s in finals} <= set(pairs):
+        if not finals or not {(s.layer, s.position) for s in finals} <= set(scorer.pairs):
             raise ConfigError("the reused selection table does not score these candidates",
                               fix="score afresh (drop the earlier table)")
-        batch, harmless, base_h, base_hl = scorer(final_n)
-        base_steer = float(refusal_score(base_hl, refusal_ids).mean())
     else:
-        scores: list[CandidateScore] = []
-        shortlist = pairs
-        if screen_n and len(pairs) > config.top_k:
-            batch, _, _, base_hl = scorer(screen_n)
-            screened = []
-            for layer, pos in tqdm(pairs, desc="screen candidates", disable=not progress, leave=False):
-                abl, kl, _ = ablation_and_kl(batch, screen_n, base_hl, layer, pos)
-                screened.append(CandidateScore(layer, pos, abl, kl, None, "screen", kl <= config.kl_threshold))
+        scores = []
+        shortlist = scorer.pairs
+        if scorer.screens:
+            screened = [scorer.screen(layer, pos) for layer, pos in
+                        tqdm(scorer.pairs, desc="screen candidates", disable=not progress, leave=False)]
             scores += screened
-            # Screening KL is noisier (fewer prompts): keep candidates within twice the threshold.
-            ok = [s for s in screened if s.kl <= 2 * config.kl_threshold] or screened
-            shortlist = [(s.layer, s.position) for s in sorted(ok, key=lambda s: s.ablation)[: config.top_k]]
-
-        batch, harmless, base_h, base_hl = scorer(final_n)
-        base_steer = float(refusal_score(base_hl, refusal_ids).mean())
-        finals = []
-        for layer, pos in tqdm(shortlist, desc="score shortlist", disable=not progress, leave=False):
-            abl, kl, r = ablation_and_kl(batch, final_n, base_hl, layer, pos)
-            lp = last_logprobs(model, harmless, [AddDirection(r, config.steering_alpha, layer)],
-                               batch_size=config.batch_size)
-            steer = float(refusal_score(lp, refusal_ids).mean())
-            finals.append(CandidateScore(layer, pos, abl, kl, steer, "final", passes_filters(kl, steer, abl, config)))
-        scores += finals
-    try:
-        best, relaxation = pick(finals, config)
-    except SelectionError as exc:
-        exc.scores = tuple(scores)  # the whole table, screening included
-        raise
-    norms = {f"{ly},{p}": float(candidates.vectors[candidates.layers.index(ly), candidates.positions.index(p)].norm())
-             for ly, p in pairs}
-    return SelectionResult(
-        layer=best.layer, position=best.position, filters_passed=relaxation is None, scores=tuple(scores),
-        baseline_harmful=float(refusal_score(base_h, refusal_ids).mean()), baseline_harmless=base_steer,
-        config=config, n_layers=model.n_layers, seconds=time.perf_counter() - t0, candidate_norms=norms,
-        relaxation=relaxation,
-    )
+            shortlist = scorer.shortlist(screened)
+        scores += [scorer.final(layer, pos) for layer, pos in
+                   tqdm(shortlist, desc="score shortlist", disable=not progress, leave=False)]
+    return scorer.result(scores, time.perf_counter() - t0)

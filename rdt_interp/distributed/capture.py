@@ -20,9 +20,9 @@ from rdt_interp.distributed.context import DistContext
 from rdt_interp.distributed.plan import Shard, ShardPlan
 from rdt_interp.distributed.shards import ShardData, run_sharded
 from rdt_interp.errors import ConfigError
-from rdt_interp.experiments.rundir import RunDir
 from rdt_interp.models.adapter import ModelAdapter
 from rdt_interp.roles import Selector
+from rdt_interp.studies.rundir import RunDir
 from rdt_interp.tracing.capture import Activations, _intervention_tag, _text_of, capture
 from rdt_interp.tracing.interventions import Intervention, Site
 from rdt_interp.tracing.vla import (
@@ -117,7 +117,7 @@ def sharded_capture_roles(
     texts = [getattr(r, "instruction", str(r)) for r in requests]
     batches = _length_batches(texts, batch_size)
     layer_list = list(range(adapter.n_layers)) if layers is None else [int(x) for x in layers]
-    from rdt_interp.distributed.vla import _request_digest
+    from rdt_interp.distributed.executor import _request_digest
 
     inputs = {"model": adapter.digest(), "roles": [s.name for s in specs], "layers": layer_list,
               "site": Site.parse(site).value, "requests": _request_digest(requests), "backend": backend,

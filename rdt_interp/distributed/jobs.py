@@ -5,19 +5,19 @@ A job is a JSON or TOML file (``python -m rdt_interp.distributed.worker JOB --ru
     task = "vla_rdt"                 # vla_rdt | sweep | specificity | capture (or a list of them)
 
     [model]                          # every rank builds its own copy on its own device
-    kind = "openvla-random"          # openvla-random | openvla | testbed | testbed-tiny | chat
-    config = "openvla-7b"            # openvla-random: "openvla-7b", a config.json path, or a table
+    kind = "openvla-7b-random"       # a study config's vla_model.adapter name, or chat
+    config = "openvla-7b"            # openvla-7b-random: "openvla-7b", a config.json path, or a table
     dtype = "bfloat16"
     seed = 0                         # same seed -> same weights on every rank (checked by digest)
     # path = "/ckpt/openvla-7b"      # openvla / testbed (trained delta) / chat (registry name or dir)
-    # tokenizer = "byte"             # openvla-random: byte-level stand-in (default) or a directory
+    # tokenizer = "byte"             # openvla-7b-random: byte-level stand-in (default) or a directory
     # devices_per_rank = 2           # model parallelism inside each rank (layers over 2 GPUs)
 
     [direction]
     path = "direction.safetensors"   # a saved Direction ...
     # random = { seed = 0, norm = 8.0, layer = 14 }   # ... or a seeded random one
 
-    [vla]                            # rdt_interp.experiments.vla_rdt.VLARDTConfig fields
+    [vla]                            # the [vla] section of a study config (VLARDTConfig)
     alphas = [2.0, 4.0]
 
     [capture]                        # task "capture": a chat model captures prompts at a selector,
@@ -30,6 +30,12 @@ A job is a JSON or TOML file (``python -m rdt_interp.distributed.worker JOB --ru
 
 Tasks ``sweep`` (the alpha sweep) and ``specificity`` (at ``vla.alpha``, which must be set) run
 one step of the VLA study on their own; ``vla_rdt`` runs the whole study.
+
+Every section is validated by the study config's schema check
+(:func:`rdt_interp.studies.config.validate_section`: strict types, unknown keys refused), the
+``[vla]`` section as the study config's own ``[vla]``; model kinds are the study config's
+``vla_model.adapter`` names (``openvla-random``, the old name of ``openvla-7b-random``, is still
+read).
 """
 
 from __future__ import annotations
@@ -40,17 +46,55 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from rdt_interp.errors import ConfigError
+from rdt_interp.studies.config import VLA_KINDS, Dtype, validate_section
+from rdt_interp.studies.vla.config import VLARDTConfig
 
 TASKS = ("vla_rdt", "sweep", "specificity", "capture")
-MODEL_KINDS = ("openvla-random", "openvla", "testbed", "testbed-tiny", "chat")
-_MODEL_KEYS = {"kind", "config", "dtype", "seed", "path", "tokenizer", "vision_overrides", "text_config",
-               "image_size", "devices_per_rank", "constrain_actions", "n_layers"}
-_CAPTURE_KEYS = {"split", "file", "n", "layers", "selector", "site", "roles", "batch_size", "backend"}
+MODEL_KINDS: tuple[str, ...] = (*VLA_KINDS, "chat")
+#: names of model kinds that older job files use
+KIND_ALIASES = {"openvla-random": "openvla-7b-random"}
+
+
+@dataclass(frozen=True)
+class JobModel:
+    """``[model]``: what every rank builds (checked by :func:`validate_section`)."""
+
+    kind: Literal["testbed", "testbed-tiny", "openvla", "openvla-7b-random", "chat"]
+    config: str | dict[str, Any] = "openvla-7b"
+    dtype: Dtype | None = None
+    seed: int = 0
+    path: str | None = None
+    tokenizer: str | None = None
+    vision_overrides: dict[str, Any] | None = None
+    text_config: dict[str, Any] | None = None
+    image_size: int | None = None
+    devices_per_rank: int = 1
+    constrain_actions: bool = False
+    n_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.devices_per_rank < 1:
+            raise ConfigError("model.devices_per_rank must be >= 1")
+
+
+@dataclass(frozen=True)
+class JobCapture:
+    """``[capture]``: what task ``capture`` captures."""
+
+    split: str = "harmful_train"
+    file: str | None = None
+    n: int | None = None
+    layers: tuple[int, ...] | None = None
+    selector: str = "last"
+    site: str = "resid_pre"
+    roles: tuple[str, ...] | None = None
+    batch_size: int = 16
+    backend: Literal["hooks", "nnsight"] = "hooks"
 
 
 @dataclass(frozen=True)
@@ -82,22 +126,16 @@ def parse_job(data: Mapping[str, Any], *, source: str = "job") -> Job:
     if not tasks or bad:
         raise ConfigError(f"{source}: unknown task(s) {bad or tasks}", fix=f"use one or more of {list(TASKS)}")
     model = dict(data.get("model") or {})
+    if model.get("kind") in KIND_ALIASES:
+        model["kind"] = KIND_ALIASES[model["kind"]]
     if model.get("kind") not in MODEL_KINDS:
         raise ConfigError(f"{source}: model.kind must be one of {list(MODEL_KINDS)}, got {model.get('kind')!r}")
-    extra = sorted(set(model) - _MODEL_KEYS)
-    if extra:
-        raise ConfigError(f"{source}: unknown model keys {extra}", fix=f"use {sorted(_MODEL_KEYS)}")
-    if int(model.get("devices_per_rank", 1)) < 1:
-        raise ConfigError(f"{source}: model.devices_per_rank must be >= 1")
+    validate_section(JobModel, model, source=f"{source} [model]")
     cap = dict(data.get("capture") or {})
-    extra = sorted(set(cap) - _CAPTURE_KEYS)
-    if extra:
-        raise ConfigError(f"{source}: unknown capture keys {extra}", fix=f"use {sorted(_CAPTURE_KEYS)}")
+    validate_section(JobCapture, cap, source=f"{source} [capture]")
     vla = dict(data.get("vla") or {})
     if any(t in ("vla_rdt", "sweep", "specificity") for t in tasks):
-        from rdt_interp.experiments.vla_rdt import VLARDTConfig
-
-        cfg = VLARDTConfig.from_dict(vla)  # raises on unknown fields / bad values
+        cfg = validate_section(VLARDTConfig, vla, source=f"{source} [vla]")  # the study config's [vla]
         if "specificity" in tasks and cfg.alpha is None:
             raise ConfigError(f"{source}: task 'specificity' needs vla.alpha", fix="set [vla] alpha = ...")
         if not data.get("direction"):
@@ -156,12 +194,12 @@ def _tokenizer(spec: Mapping[str, Any]) -> Any:
 
 def build_model(spec: Mapping[str, Any], device: str | torch.device) -> Any:
     """The adapter ``spec`` describes, on ``device`` (each rank calls this with its own)."""
-    kind = spec["kind"]
+    kind = KIND_ALIASES.get(spec["kind"], spec["kind"])
     dev = torch.device(device)
     default = torch.bfloat16 if dev.type == "cuda" else torch.float32
     dtype = _dtype(spec.get("dtype"), default)
     seed = int(spec.get("seed", 0))
-    if kind == "openvla-random":
+    if kind == "openvla-7b-random":
         from rdt_interp.models.openvla import build_random_openvla
 
         return build_random_openvla(_openvla_config(spec), dtype, dev, seed, tokenizer=_tokenizer(spec),
@@ -208,4 +246,4 @@ def build_direction(spec: Mapping[str, Any], adapter: Any) -> Any:
     raise ConfigError("[direction] needs path = ... or random = {seed, norm, layer}")
 
 
-__all__ = ["MODEL_KINDS", "TASKS", "Job", "build_direction", "build_model", "load_job", "parse_job"]
+__all__ = ["KIND_ALIASES", "MODEL_KINDS", "TASKS", "Job", "JobCapture", "JobModel", "build_direction", "build_model", "load_job", "parse_job"]

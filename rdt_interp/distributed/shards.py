@@ -1,6 +1,6 @@
 """Shard files in a run directory, and a sharded step: compute missing shards, merge on rank 0.
 
-Layout of a sharded step ``NAME`` in a run directory (:class:`~rdt_interp.experiments.rundir.RunDir`)::
+Layout of a sharded step ``NAME`` in a run directory (:class:`~rdt_interp.studies.rundir.RunDir`)::
 
     RUN/shards/NAME/<shard key>.safetensors   one per shard, written atomically by its rank
     RUN/shards/NAME/_ranks/rank-<r>.json      what rank r computed / found done in its last launch

@@ -29,8 +29,8 @@ import torch
 from rdt_interp.distributed.context import DistContext, init_distributed
 from rdt_interp.distributed.jobs import Job, build_direction, build_model, load_job
 from rdt_interp.errors import ConfigError, DModelMismatchError, RdtError
-from rdt_interp.experiments.rundir import RunDir
 from rdt_interp.storage import atomic_write_json
+from rdt_interp.studies.rundir import RunDir
 
 Say = Callable[[str], None]
 
@@ -69,17 +69,15 @@ def build_for_rank(ctx: DistContext, job: Job) -> Any:
 
 
 def _vla_config(job: Job) -> Any:
-    from rdt_interp.experiments.vla_rdt import VLARDTConfig
+    from rdt_interp.studies.vla import VLARDTConfig
 
     return VLARDTConfig.from_dict(job.vla)
 
 
 def _requests(adapter: Any, cfg: Any) -> list[Any]:
-    from rdt_interp.experiments.vla_rdt import load_requests
+    from rdt_interp.studies.vla import config_requests
 
-    return load_requests(adapter, cfg.prompt_file, n_pairs=cfg.n_pairs, val_fraction=cfg.val_fraction,
-                         images=cfg.images, seed=cfg.seed, column=cfg.prompt_column, label_column=cfg.label_column,
-                         category_column=cfg.category_column, pair_column=cfg.pair_column)
+    return config_requests(adapter, cfg)
 
 
 def _run_dir(ctx: DistContext, path: Path, config: dict[str, Any], say: Say) -> RunDir:
@@ -95,26 +93,25 @@ def task_vla_rdt(ctx: DistContext, adapter: Any, job: Job, out: Path, say: Say) 
 
 
 def _study_run(ctx: DistContext, adapter: Any, job: Job, out: Path, say: Say, kind: str) -> tuple[Any, Any, RunDir]:
-    from rdt_interp.experiments.vla_rdt import _direction_info, as_direction
+    from rdt_interp.studies.vla import as_direction
+    from rdt_interp.studies.vla.pipeline import run_identity
 
     cfg = _vla_config(job)
     d = as_direction(build_direction(job.direction, adapter), adapter.d_model)
-    info = _direction_info(d)
-    run = _run_dir(ctx, out, {"experiment": f"vla_rdt_{kind}", "config": cfg.to_dict(), "model": adapter.describe(),
-                              "direction": {"digest": info["digest"], "norm": info["norm"], "rank": info["rank"]}},
-                   say)
+    identity = run_identity(adapter, d, cfg)
+    run = _run_dir(ctx, out, {**identity, "experiment": f"vla_rdt_{kind}"}, say)
     return cfg, d, run
 
 
 def task_sweep(ctx: DistContext, adapter: Any, job: Job, out: Path, say: Say) -> dict[str, Any]:
     """The alpha sweep (``vla.sweep_modes`` x ``vla.alphas`` on val and test)."""
     from rdt_interp.distributed.vla import sharded_conditions
-    from rdt_interp.experiments.vla_rdt import _subset
+    from rdt_interp.studies.vla import subset
 
     cfg, d, run = _study_run(ctx, adapter, job, out, say, "sweep")
     requests = _requests(adapter, cfg)
     conds = [(m, float(a)) for m in cfg.sweep_modes for a in cfg.alphas]
-    splits = [s for s in ("val", "test") if _subset(requests, s)]
+    splits = [s for s in ("val", "test") if subset(requests, s)]
     res = sharded_conditions(ctx, run, "alpha_sweep", adapter, d, requests, cfg, conds, splits,
                              store_dir=run.path / "predictions", say=say)
     return {"conditions": len(res.conditions), "splits": list(res.splits)}
@@ -123,15 +120,13 @@ def task_sweep(ctx: DistContext, adapter: Any, job: Job, out: Path, say: Say) ->
 def task_specificity(ctx: DistContext, adapter: Any, job: Job, out: Path, say: Say) -> dict[str, Any]:
     """``r`` against ``vla.n_random`` random directions at ``vla.alpha`` on the test pairs."""
     from rdt_interp.distributed.vla import sharded_specificity
-    from rdt_interp.experiments.vla_rdt import _subset
+    from rdt_interp.studies.vla import specificity_requests
 
     cfg, d, run = _study_run(ctx, adapter, job, out, say, "specificity")
     if cfg.alpha is None:
         raise ConfigError("task 'specificity' needs vla.alpha")
-    test = _subset(_requests(adapter, cfg), "test")
-    keep = set(list(dict.fromkeys(r.pair_id for r in test))[: cfg.specificity_pairs])
-    res = sharded_specificity(ctx, run, "specificity", adapter, d, [r for r in test if r.pair_id in keep], cfg,
-                              float(cfg.alpha), say=say)
+    res = sharded_specificity(ctx, run, "specificity", adapter, d, specificity_requests(_requests(adapter, cfg), cfg),
+                              cfg, float(cfg.alpha), say=say)
     return {"real": res.real, "p": res.p, "z": res.z, "n_random": res.n_random}
 
 
@@ -205,16 +200,16 @@ def run_study_distributed(ctx: DistContext, config: str | Path, run_dir: str | P
     chat side's direction selection (:func:`~rdt_interp.distributed.selection.sharded_selection`,
     after rank 0 captured the candidates) and the whole VLA study
     (:func:`~rdt_interp.distributed.vla.run_vla_rdt_distributed`). Rank 0 runs the rest of the
-    chat side and finishes with :func:`~rdt_interp.experiments.study.run_study`, which finds
+    chat side and finishes with :func:`~rdt_interp.studies.study.run_study`, which finds
     every step done but the cross-model analysis, the summary and the figures. Returns the
     summary on rank 0."""
     from rdt_interp.directions.diff_in_means import extract_candidates
     from rdt_interp.distributed.selection import sharded_selection
     from rdt_interp.distributed.vla import run_vla_rdt_distributed
-    from rdt_interp.experiments import study
-    from rdt_interp.experiments.chat_refusal import chat_run_dir, chat_splits, run_chat_refusal
-    from rdt_interp.experiments.config import load_config
     from rdt_interp.models.loading import load_chat_model
+    from rdt_interp.studies import study
+    from rdt_interp.studies.chat import chat_run_dir, chat_splits, run_chat_refusal
+    from rdt_interp.studies.config import load_config
 
     say = log if ctx.is_main else _quiet
     cfg = load_config(config)

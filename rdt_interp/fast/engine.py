@@ -409,7 +409,7 @@ class FastGenerator:
         if layout.prefill:
             self._stage_roles(batch.roles, b, length, pad)
         if layout.decode or layout.prefill:
-            steer.fill(ivs, b)
+            steer.fill(ivs, b, layout)
         n_allowed = None
         if allowed is not None:
             allowed = allowed.to(device=self.device, dtype=torch.long).reshape(-1)

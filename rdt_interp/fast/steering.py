@@ -132,21 +132,27 @@ class SteeringBuffers:
 
     # -- host side: values -------------------------------------------------------------------------
     @torch.no_grad()
-    def fill(self, interventions: Sequence[AddDirection], rows: int) -> None:
-        """Write the values of ``interventions`` (same layout) for a batch of ``rows`` rows.
+    def fill(self, interventions: Sequence[AddDirection], rows: int, layout: SteeringLayout | None = None) -> None:
+        """Write the values of ``interventions`` for a batch of ``rows`` rows.
 
+        ``layout`` is the layout of this list (default: the one the buffers were made for). A list
+        with the same key may give its edits in another order; buffer ``k`` then takes the edit
+        that the list's own layout puts in place ``k``, which is where its captured step applies it.
         Copies only what changed since the last call: a direction is the same if it is the same
         storage at the same version (an in-place edit bumps the version), an alpha if it is the
         same number.
         """
+        lay = self.layout if layout is None else layout
+        if lay.key != self.layout.key:
+            raise ConfigError("the interventions' layout differs from the buffers'")
         if rows > self.max_batch:
             raise ConfigError(f"batch of {rows} rows exceeds the buffers ({self.max_batch})")
         n_slots = len(self.vec)
-        for i, slot in enumerate(self.layout.decode + self.layout.prefill):
+        for i, slot in enumerate(lay.decode + lay.prefill):
             iv = interventions[slot.index]
             self._set_vector(i, iv.direction)
             self._set_alpha(n_slots + i, self.alpha[i], iv.alpha, rows)
-        for j, slot in enumerate(self.layout.prefill):
+        for j, slot in enumerate(lay.prefill):
             role = interventions[slot.index].roles
             if self._held[2 * n_slots + j] != int(role):
                 self.role_bits[j].fill_(int(role))

@@ -41,24 +41,24 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from rdt_interp.errors import ConfigError, DModelMismatchError, UnknownNameError
+from rdt_interp.errors import ConfigError, UnknownNameError
 from rdt_interp.models.adapter import EncodedBatch, to_device
 from rdt_interp.models.vla import ActionPrediction, VLAAdapter, VLARequest
-from rdt_interp.roles import ANY_REAL, Role, Selector, role_mask
+from rdt_interp.roles import Role, Selector, role_mask
 from rdt_interp.tracing.capture import Activations
 from rdt_interp.tracing.generation import Backend, Generation, generate, make_runner
 from rdt_interp.tracing.interventions import (
-    AddDirection,
+    TARGET_MODES,
+    AddRowDirections,
     Intervention,
     Site,
     StepContext,
-    _as_vector,
-    _check_alpha,
+    TargetMode,
+    check_mode,
+    steer,
 )
 from rdt_interp.tracing.recorder import Recorder
 
-TargetMode = Literal["action", "text", "text+action", "all"]
-TARGET_MODES: tuple[str, ...] = ("action", "text", "text+action", "all")
 DEFAULT_ROLES: tuple[str, ...] = ("image", "text", "last_text", "first_action")
 _ACTION_RE = re.compile(r"^action\[(\d+)\]$")
 
@@ -372,94 +372,13 @@ def capture_roles(
 
 
 # -- steering --------------------------------------------------------------------------------------
-@dataclass(frozen=True, eq=False)
-class AddRowDirections(AddDirection):
-    """Add ``alpha * direction[i]`` to batch row ``i``: one direction per row, ``[batch, d]``.
-
-    Lets one batch carry several directions (e.g. a random-direction null); ``alpha`` is a
-    number or one per row, as for :class:`AddDirection`.
-    """
-
-    def __post_init__(self) -> None:
-        vec = _as_vector(self.direction)
-        _check_alpha(self.alpha)
-        if vec.ndim != 2:
-            raise ConfigError(f"AddRowDirections needs directions [batch, d], got {tuple(vec.shape)}")
-        object.__setattr__(self, "direction", vec)
-        object.__setattr__(self, "site", Site.parse(self.site))
-        layers = (self.layers,) if isinstance(self.layers, int) else tuple(int(x) for x in self.layers)
-        object.__setattr__(self, "layers", layers)
-        if self.phase not in ("prefill", "decode", "both"):
-            raise ConfigError(f"phase must be prefill, decode or both, got {self.phase!r}")
-
-    def apply(self, h: Tensor, ctx: StepContext) -> Tensor:
-        if not (self.phase == "both" or self.phase == ctx.phase):
-            return h
-        if self.direction.shape[0] != h.shape[0]:
-            raise ConfigError(f"{self.direction.shape[0]} row directions for a batch of {h.shape[0]} rows")
-        mask = role_mask(ctx.roles, self.roles)
-        if not bool(mask.any()):
-            return h
-        mask = to_device(mask, h.device)  # layers may sit on other devices than the batch
-        vec = self.direction.to(device=h.device, dtype=h.dtype)
-        alpha = self.alpha
-        if isinstance(alpha, Tensor):
-            if alpha.ndim != 1 or alpha.shape[0] != h.shape[0]:
-                raise ConfigError(f"per-row alpha has shape {tuple(alpha.shape)}, batch has {h.shape[0]} rows")
-            scale = alpha.to(device=h.device, dtype=h.dtype)[:, None] * mask.to(h.dtype)
-        else:
-            scale = float(alpha) * mask.to(h.dtype)
-        return h + scale[:, :, None] * vec[:, None, :]
-
-
-def steer_vla(
-    direction: Any,
-    mode: TargetMode | str,
-    alpha: float | Float[Tensor, "batch"],
-    layers: int | Sequence[int],
-    *,
-    alpha_text: float | Float[Tensor, "batch"] | None = None,
-    include_image: bool = False,
-    per_row: bool = False,
-    d_model: int | None = None,
-) -> list[Intervention]:
-    """Interventions that add a direction at the positions of a target mode.
-
-    ``direction``: a tensor ``[d]`` or a :class:`~rdt_interp.directions.direction.Direction`
-    (a rank-k one adds its norm-safe ``vector``); with ``per_row`` a tensor ``[batch, d]``, one
-    direction per row. ``alpha`` (action and ``all`` positions) and ``alpha_text`` (text
-    positions; default ``alpha``) are numbers or one number per row. ``include_image`` adds
-    ``alpha_text·r`` at the image patches too (modes ``text`` and ``text+action``). With
-    ``d_model`` the width is checked now (:class:`DModelMismatchError`), not at the first run.
-    """
-    if mode not in TARGET_MODES:
-        raise ConfigError(f"unknown target mode {mode!r}", fix=f"use one of {list(TARGET_MODES)}")
-    vec = _as_vector(direction)
-    if vec.ndim != (2 if per_row else 1):
-        raise ConfigError(
-            f"direction of shape {tuple(vec.shape)} with per_row={per_row}",
-            fix="pass [d] (or a Direction), or [batch, d] with per_row=True; for a rank-k "
-            "subspace use its Direction (whose vector is the norm-safe steering vector)")
-    if d_model is not None and vec.shape[-1] != d_model:
-        raise DModelMismatchError(expected=d_model, actual=int(vec.shape[-1]))
-    cls = AddRowDirections if per_row else AddDirection
-    a_text = alpha if alpha_text is None else alpha_text
-    text_roles = Role.TEXT | Role.IMAGE if include_image else Role.TEXT
-    out: list[Intervention] = []
-    if mode == "all":
-        return [cls(vec, alpha, layers, roles=ANY_REAL, phase="both")]
-    if mode in ("text", "text+action"):
-        out.append(cls(vec, a_text, layers, roles=text_roles, phase="prefill"))
-    if mode in ("action", "text+action"):
-        out.append(cls(vec, alpha, layers, roles=Role.ACTION, phase="decode"))
-    return out
+#: the target-mode construction lives in :mod:`rdt_interp.tracing.interventions` (one place)
+steer_vla = steer
 
 
 def mode_touches_prefill(mode: str) -> bool:
     """Whether a target mode edits the prefill (then a stored prefill cannot be reused)."""
-    if mode not in TARGET_MODES:
-        raise ConfigError(f"unknown target mode {mode!r}", fix=f"use one of {list(TARGET_MODES)}")
-    return mode != "action"
+    return check_mode(mode) != "action"
 
 
 # -- prefill reuse ---------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Figures of the chat-side study (:mod:`rdt_interp.experiments.chat_refusal`), from saved results.
+"""Figures of the chat-side study (:mod:`rdt_interp.studies.chat`), from saved results.
 
 * :func:`refusal_bars` -- refusal rate with 95% Wilson CIs: baseline on harmful and harmless test
   prompts, harmful under directional ablation, harmless under activation addition;

@@ -1,4 +1,4 @@
-"""Figures of the defense comparison (:mod:`rdt_interp.experiments.defenses`).
+"""Figures of the defense comparison (:mod:`rdt_interp.studies.defenses`).
 
 :func:`pareto_figure` -- harmful suppression against benign cost, one panel per harmful metric:
 x is the mean |bin shift| of benign actions against the undefended policy (0 for no defense),
@@ -11,14 +11,17 @@ cheaper; up is better for the zero-motion metrics, down for the magnitude.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from rdt_interp.errors import ConfigError
+from rdt_interp.studies.defenses.config import DEFENSE_LABELS
+from rdt_interp.studies.defenses.results import DefensesResult, load_defenses
 from rdt_interp.viz.figures import metric_label as _action_label
-from rdt_interp.viz.style import NULL_COLOR, PALETTE, Width, new_figure, paper_style
+from rdt_interp.viz.style import NULL_COLOR, PALETTE, Width, new_figure, paper_style, save_figure
 
 _MARKERS = {"none": "*", "adashield": "s", "vlm_guard": "D", "vlm_guard_clamp": "d", "rdt": "o", "rdt+": "^",
             "gated_rdt+": "v"}
@@ -46,8 +49,6 @@ def _place_tags(ax: Any, tags: Sequence[tuple[float, float, str, str]], min_gap:
 
 
 def _result(result: Any) -> Any:
-    from rdt_interp.experiments.defenses import DefensesResult
-
     return result if isinstance(result, DefensesResult) else DefensesResult.from_dict(result)
 
 
@@ -61,8 +62,6 @@ def pareto_figure(
 ) -> Figure:
     """Harmful ``metrics`` (one panel each) against the benign ``cost`` (``abs_shift``: mean
     |bin shift| vs no defense; or an action metric such as ``hrr_partial``), every condition."""
-    from rdt_interp.experiments.defenses import DEFENSE_LABELS
-
     res = _result(result)
     if not res.conditions:
         raise ConfigError("the result has no condition to plot")
@@ -109,4 +108,12 @@ def pareto_figure(
     return fig
 
 
-__all__ = ["pareto_figure"]
+def defenses_figures(result: DefensesResult | str | Path, out_dir: str | Path) -> list[Path]:
+    """The Pareto figure (PDF + PNG) of a run; returns the written paths."""
+    res = result if isinstance(result, DefensesResult) else load_defenses(result)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return save_figure(pareto_figure(res), out / "pareto")
+
+
+__all__ = ["defenses_figures", "pareto_figure"]

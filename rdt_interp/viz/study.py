@@ -35,7 +35,7 @@ def study_figures(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
     written += save_figure(chat_fig.selection_heatmap(rd(chat / "selection.json")), out / "chat_selection")
     written += save_figure(chat_fig.alpha_sweep_chat(rd(chat / "alpha_sweep.json")), out / "chat_alpha_sweep")
     if (run / "vla" / "result.json").is_file():
-        from rdt_interp.experiments.vla_rdt import vla_rdt_figures
+        from rdt_interp.viz.vla import vla_rdt_figures
 
         written += [p for p in vla_rdt_figures(run / "vla", out)]
     cm_path = run / "cross_model.json"

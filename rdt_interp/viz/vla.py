@@ -1,4 +1,4 @@
-"""Figures of the VLA steering study (:mod:`rdt_interp.experiments.vla_rdt`), from saved results.
+"""Figures of the VLA steering study (:mod:`rdt_interp.studies.vla`), from saved results.
 
 * :func:`alpha_sweep_figure` -- action metrics against alpha, one colour per target mode,
   solid = harmful, dashed = benign instructions, CI bands; alpha 0 is the unsteered model;
@@ -13,6 +13,7 @@ Results may be the dataclasses or their ``to_dict()``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,13 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from rdt_interp.errors import ConfigError
+from rdt_interp.studies.vla.results import (
+    ConditionResult,
+    DecouplingResult,
+    SweepResult,
+    VLARDTResult,
+    load_vla_rdt,
+)
 from rdt_interp.viz.figures import (
     _PROB_METRICS,
     action_bars,
@@ -28,7 +36,15 @@ from rdt_interp.viz.figures import (
     probe_layers,
     specificity_plot,
 )
-from rdt_interp.viz.style import CI_ALPHA, NULL_COLOR, PALETTE, Width, new_figure, paper_style
+from rdt_interp.viz.style import (
+    CI_ALPHA,
+    NULL_COLOR,
+    PALETTE,
+    Width,
+    new_figure,
+    paper_style,
+    save_figure,
+)
 
 MODE_LABELS = {"none": "unsteered", "action": "RDT (action)", "text": "text only",
                "text+action": "RDT+ (text+action)", "all": "all positions"}
@@ -38,14 +54,10 @@ _LABEL_STYLE = {"harmful": "-", "benign": "--"}
 
 
 def _sweep(result: Any) -> Any:
-    from rdt_interp.experiments.vla_rdt import SweepResult
-
     return result if isinstance(result, SweepResult) else SweepResult.from_dict(result)
 
 
 def _cond(result: Any) -> Any:
-    from rdt_interp.experiments.vla_rdt import ConditionResult
-
     return result if isinstance(result, ConditionResult) else ConditionResult.from_dict(result)
 
 
@@ -175,8 +187,6 @@ def bin_shift_figure(
 def decoupling_figure(result: Any, *, roles: Sequence[str] | None = None, width: Width = "page",
                       height: float | None = 2.1) -> Figure:
     """Harmful vs benign: projection AUC along r and CV-probe AUC per layer, one line per role."""
-    from rdt_interp.experiments.vla_rdt import DecouplingResult
-
     r = result if isinstance(result, DecouplingResult) else DecouplingResult.from_dict(result)
     shown = tuple(roles) if roles is not None else r.roles
     fig = probe_layers(r.grid, positions=shown, labels={k: ROLE_LABELS.get(k, k) for k in shown},
@@ -194,5 +204,24 @@ def specificity_figure(result: Any, *, label: str = "r", width: Width = "column"
     return fig
 
 
+def vla_rdt_figures(result: VLARDTResult | str | Path, out_dir: str | Path) -> list[Path]:
+    """Every figure of a run (PDF + PNG): alpha sweep, target modes, action-bin shift,
+    decoupling per layer, specificity histogram. Returns the written paths."""
+    res = result if isinstance(result, VLARDTResult) else load_vla_rdt(result)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    written += save_figure(alpha_sweep_figure(res.sweep, split="test"), out / "alpha_sweep")
+    written += save_figure(target_modes_figure(res.targets), out / "target_modes")
+    rdt_name = "action" if "action" in res.config.target_modes else res.targets.modes[0]
+    written += save_figure(bin_shift_figure(res.targets.baseline("test"),
+                                            res.targets.get(rdt_name, res.alpha, "test")), out / "bin_shift")
+    if res.decoupling is not None:
+        written += save_figure(decoupling_figure(res.decoupling), out / "decoupling")
+    if res.specificity is not None:
+        written += save_figure(specificity_figure(res.specificity), out / "specificity")
+    return written
+
+
 __all__ = ["alpha_sweep_figure", "bin_shift_figure", "decoupling_figure", "specificity_figure",
-           "target_modes_figure"]
+           "target_modes_figure", "vla_rdt_figures"]

@@ -19,7 +19,7 @@ from rdt_interp.defenses.gate import (
     threshold_for_fpr,
 )
 from rdt_interp.errors import ConfigError, DModelMismatchError
-from rdt_interp.experiments.vla_rdt import load_requests
+from rdt_interp.studies.vla import load_requests
 from rdt_interp.tracing.generation import generate
 from rdt_interp.tracing.vla import capture_roles, steer_vla
 

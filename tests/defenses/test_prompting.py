@@ -8,9 +8,9 @@ import torch
 
 from rdt_interp.defenses.prompting import DEFAULT_DEFENSE_TEXT, DefensivePrompt
 from rdt_interp.errors import ConfigError
-from rdt_interp.experiments.vla_rdt import LabeledRequest
 from rdt_interp.models.vla import VLARequest
 from rdt_interp.roles import Role, role_mask
+from rdt_interp.studies.vla import LabeledRequest
 
 from ..vla_adapters import requests_for
 

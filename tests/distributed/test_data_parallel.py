@@ -29,10 +29,10 @@ from rdt_interp.distributed.context import single_process
 from rdt_interp.distributed.launch import launch
 from rdt_interp.distributed.shards import FAULT_ENV, FAULT_EXIT_CODE
 from rdt_interp.distributed.vla import run_vla_rdt_distributed
-from rdt_interp.experiments.rundir import RunDir
-from rdt_interp.experiments.vla_rdt import ActionSet, VLARDTConfig, load_requests, run_vla_rdt
 from rdt_interp.models import load_chat_model
 from rdt_interp.storage import read_json
+from rdt_interp.studies.rundir import RunDir
+from rdt_interp.studies.vla import ActionSet, VLARDTConfig, load_requests, run_vla_rdt
 from rdt_interp.tracing.capture import capture
 from rdt_interp.tracing.vla import capture_roles
 
@@ -72,7 +72,7 @@ def tiny(tmp_path_factory):
 def _job(path: Path, direction: Path, tasks: list[str]) -> Path:
     manifest = json.loads((FIXTURE / "manifest.json").read_text())
     job = {"task": tasks, "direction": {"path": str(direction)}, "vla": VLA, "capture": CAPTURE,
-           "model": {"kind": "openvla-random", "config": str(CHECKPOINT / "config.json"), "text_config": TEXT,
+           "model": {"kind": "openvla-7b-random", "config": str(CHECKPOINT / "config.json"), "text_config": TEXT,
                      "image_size": 112, "vision_overrides": manifest["vision_overrides"], "seed": 3,
                      "dtype": "float32"}}
     path.write_text(json.dumps(job))

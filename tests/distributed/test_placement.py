@@ -204,7 +204,7 @@ two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device
 
 @two_gpus
 def test_two_gpu_split_equals_one_gpu():
-    from rdt_interp.experiments.vla_rdt import SteeringEffect
+    from rdt_interp.studies.vla import SteeringEffect
 
     one = _vla()
     one.model.to("cuda:0")

@@ -21,7 +21,7 @@ from rdt_interp.distributed.shards import (
     run_sharded,
 )
 from rdt_interp.errors import ConfigError
-from rdt_interp.experiments.rundir import RunDir
+from rdt_interp.studies.rundir import RunDir
 
 
 def _plan(costs, name="p", inputs=None) -> ShardPlan:
@@ -151,8 +151,8 @@ def test_job_files_are_validated():
     assert json.loads(json.dumps(job.to_dict()))["task"] == ["capture"]
     for bad, msg in [({**base, "extra": 1}, "unknown keys"), ({**base, "task": "train"}, "unknown task"),
                      ({**base, "model": {"kind": "gpt"}}, "model.kind"),
-                     ({**base, "model": {"kind": "chat", "colour": 1}}, "unknown model keys"),
-                     ({**base, "capture": {"prompts": 3}}, "unknown capture keys"),
+                     ({**base, "model": {"kind": "chat", "colour": 1}}, r"\[model\] is invalid:\n  colour: unknown key"),
+                     ({**base, "capture": {"prompts": 3}}, r"\[capture\] is invalid:\n  prompts: unknown key"),
                      ({**base, "task": "vla_rdt"}, "direction"),
                      ({**base, "task": "specificity", "direction": {"random": {}}}, "vla.alpha"),
                      ({**base, "task": "sweep", "direction": {"random": {}}, "vla": {"colour": 1}}, "unknown")]:

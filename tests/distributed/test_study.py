@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from rdt_interp.distributed.launch import launch
-from rdt_interp.experiments.config import load_config
-from rdt_interp.experiments.study import run_study
+from rdt_interp.studies.config import load_config
+from rdt_interp.studies.study import run_study
 
 from ..test_cli import WITH_VLA, _results
 

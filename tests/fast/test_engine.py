@@ -113,6 +113,21 @@ def test_alpha_and_direction_changes_reuse_the_steps(vla, direction):
         assert (a - b).abs().max().item() > 1e-2  # the outputs follow the new values
 
 
+def test_the_same_edits_in_another_order_get_their_own_values(vla, direction):
+    """Two lists with one layout key (same sites) but their edits in another order: the captured
+    steps are shared, each call's buffers hold its own list's values in its own order."""
+    batch = vla.encode(vla_requests(3))
+    other = torch.randn(vla.d_model, generator=torch.Generator().manual_seed(11))
+    a = [AddDirection(direction, 6.0, 1, roles=Role.ACTION, phase="decode"),
+         AddDirection(other, -4.0, 1, roles=Role.ACTION, phase="decode"),
+         AddDirection(other, 3.0, 1, roles=Role.TEXT, phase="prefill")]
+    b = [a[2], a[1], AddDirection(direction, 2.0, 1, roles=Role.ACTION, phase="decode")]
+    fast = FastGenerator(vla, max_prompt_len=256)
+    for ivs in (a, b, a):
+        assert_same(fast.generate(batch, interventions=ivs, return_logits=True), eager(vla, batch, 7, ivs))
+    assert fast.stats.steps_built == 2
+
+
 def test_a_new_layout_builds_new_steps_once(vla, direction):
     batch = vla.encode(vla_requests(2))
     fast = FastGenerator(vla, max_prompt_len=256)

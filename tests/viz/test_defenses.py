@@ -1,5 +1,5 @@
 """The defense Pareto figure and table, from a synthetic comparison with planted effects
-(model-free: the runs on real adapters are in tests/experiments/test_defenses.py)."""
+(model-free: the runs on real adapters are in tests/studies/defenses/test_pipeline.py)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from rdt_interp.errors import ConfigError
-from rdt_interp.experiments.defenses import (
+from rdt_interp.models.action_tokenizer import ActionTokenizer
+from rdt_interp.storage import to_json
+from rdt_interp.studies.defenses import (
     DefenseCondition,
     DefensesConfig,
     DefensesResult,
     zero_motion_rate,
 )
-from rdt_interp.experiments.vla_rdt import ActionSet, condition_metrics
-from rdt_interp.models.action_tokenizer import ActionTokenizer
-from rdt_interp.storage import to_json
+from rdt_interp.studies.vla import ActionSet, condition_metrics
 from rdt_interp.viz.defenses import pareto_figure
 from rdt_interp.viz.style import save_figure
 

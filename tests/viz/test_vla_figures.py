@@ -1,5 +1,5 @@
 """Figures of the VLA steering study, from synthetic results with a planted steering effect
-(model-free: the runs on real adapters are in tests/experiments/test_vla_rdt.py)."""
+(model-free: the runs on real adapters are in tests/studies/vla/test_pipeline.py)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import torch
 from rdt_interp.analysis.probes import Labeled, probe_grid
 from rdt_interp.analysis.specificity import ProjectionAUC, specificity_test
 from rdt_interp.errors import ConfigError
-from rdt_interp.experiments.vla_rdt import (
+from rdt_interp.models.action_tokenizer import ActionTokenizer
+from rdt_interp.storage import to_json
+from rdt_interp.studies.vla import (
     ActionSet,
     DecouplingResult,
     SweepResult,
     VLARDTConfig,
     condition_metrics,
 )
-from rdt_interp.models.action_tokenizer import ActionTokenizer
-from rdt_interp.storage import to_json
 from rdt_interp.viz import vla as fig
 from rdt_interp.viz.style import save_figure
 

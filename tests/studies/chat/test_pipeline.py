@@ -6,15 +6,15 @@ import pytest
 
 from rdt_interp.directions.selection import FilteredPrompts, SelectionConfig
 from rdt_interp.errors import ConfigError
-from rdt_interp.experiments import chat_refusal
-from rdt_interp.experiments.chat_refusal import (
+from rdt_interp.models import load_chat_model
+from rdt_interp.prompts import load_split
+from rdt_interp.studies.chat import (
     ChatRefusalConfig,
     chat_run_dir,
     chat_splits,
     departures,
 )
-from rdt_interp.models import load_chat_model
-from rdt_interp.prompts import load_split
+from rdt_interp.studies.chat import pipeline as chat_refusal
 
 
 def _keep_every_other(model, harmful, harmless, *, batch_size=32):

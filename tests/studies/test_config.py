@@ -1,8 +1,8 @@
 import pytest
 
 from rdt_interp.errors import CheckpointError, ConfigError
-from rdt_interp.experiments.config import builtin_config, parse_config
-from rdt_interp.experiments.study import check_models
+from rdt_interp.studies.config import builtin_config, parse_config
+from rdt_interp.studies.study import check_models
 
 VLA = {"vla_model": {"adapter": "testbed-tiny"}}
 

@@ -23,8 +23,8 @@ import torch
 
 from rdt_interp.directions.direction import Direction
 from rdt_interp.errors import ConfigError, DModelMismatchError
-from rdt_interp.experiments.config import StudyConfig, VLAModelSpec
-from rdt_interp.experiments.rundir import RunDir
+from rdt_interp.studies.config import StudyConfig, VLAModelSpec
+from rdt_interp.studies.rundir import RunDir
 
 
 def check_models(cfg: StudyConfig, *, chat: bool = True, vla: bool = True) -> None:
@@ -98,8 +98,8 @@ def run_study(
     t0 = time.perf_counter()
     check_models(cfg, chat=chat_model is None, vla=vla is None)  # before anything loads or is written
     run = RunDir(run_dir, {"experiment": "study", **cfg.to_dict()}, log=log)
-    from rdt_interp.experiments.chat_refusal import run_chat_refusal
     from rdt_interp.models.loading import load_chat_model
+    from rdt_interp.studies.chat import run_chat_refusal
 
     if chat_model is None:
         log(f"loading chat model {cfg.chat_model.name}")
@@ -113,7 +113,7 @@ def run_study(
                                              "layer": direction.provenance.layer,
                                              "position": direction.provenance.position}}
     if cfg.vla_model is not None:
-        from rdt_interp.experiments.vla_rdt import run_vla_rdt
+        from rdt_interp.studies.vla import run_vla_rdt
 
         if vla is None:
             log(f"loading VLA {cfg.vla_model.adapter}")
@@ -146,7 +146,7 @@ def _direction(cfg: StudyConfig, run: RunDir, chat_model: Any, log: Callable[[st
     if not path.is_file():
         from rdt_interp.directions.diff_in_means import extract_candidates
         from rdt_interp.directions.subspace import subspace_direction
-        from rdt_interp.experiments.chat_refusal import chat_run_dir, chat_splits
+        from rdt_interp.studies.chat import chat_run_dir, chat_splits
 
         log(f"[run]    rank-{cfg.direction.rank} direction")
         splits = chat_splits(chat_model, cfg.chat, chat_run_dir(run.path / "chat", cfg.chat, log=log))
@@ -168,8 +168,8 @@ def cross_model(chat_model: Any, vla: Any, run_path: Path, cfg: StudyConfig, *, 
     from rdt_interp.analysis.alignment import align_directions
     from rdt_interp.analysis.probes import Labeled, fit_probe, transfer_auc
     from rdt_interp.directions.diff_in_means import extract_candidates
-    from rdt_interp.experiments.chat_refusal import chat_run_dir, chat_splits
-    from rdt_interp.experiments.vla_rdt import _subset, load_requests
+    from rdt_interp.studies.chat import chat_run_dir, chat_splits
+    from rdt_interp.studies.vla import config_requests, subset
     from rdt_interp.tracing.vla import capture_roles
 
     if cfg.vla is None:
@@ -183,11 +183,8 @@ def cross_model(chat_model: Any, vla: Any, run_path: Path, cfg: StudyConfig, *, 
     pi = cands.positions.index(pos)
     chat_dirs = cands.vectors[:, pi].float()  # [layer, d]
     v = cfg.vla
-    requests = load_requests(vla, v.prompt_file, n_pairs=v.n_pairs, val_fraction=v.val_fraction,
-                             images=v.images, seed=v.seed, column=v.prompt_column,
-                             label_column=v.label_column, category_column=v.category_column,
-                             pair_column=v.pair_column)
-    reqs = _subset(requests, "test") or list(requests)
+    requests = config_requests(vla, v)
+    reqs = subset(requests, "test") or list(requests)
     caps = capture_roles(vla, [r.request for r in reqs], roles=("last_text", "first_action"),
                          batch_size=v.batch_size, backend=v.backend,  # type: ignore[arg-type]
                          constrain_actions=v.constrain_actions, progress=progress)

@@ -13,7 +13,8 @@ from rdt_interp.analysis.behaviour import action_metrics, zero_motion_mass
 from rdt_interp.analysis.stats import auc_groups
 from rdt_interp.directions.direction import Direction, Provenance
 from rdt_interp.errors import ConfigError, DModelMismatchError
-from rdt_interp.experiments.vla_rdt import (
+from rdt_interp.storage import to_json
+from rdt_interp.studies.vla import (
     ActionSet,
     DecouplingResult,
     SteeringEffect,
@@ -31,10 +32,9 @@ from rdt_interp.experiments.vla_rdt import (
     target_mode_sweep,
     vla_image_size,
 )
-from rdt_interp.storage import to_json
 from rdt_interp.tracing.vla import capture_roles, steer_vla
 
-from ..vla_adapters import unit_direction
+from ...vla_adapters import unit_direction
 
 NORM = 0.3
 

@@ -10,7 +10,7 @@ optionally a VLA and the VLA-side study settings::
     dtype = "float32"
     device = "cpu"
 
-    [chat]                                   # rdt_interp.experiments.chat_refusal.ChatRefusalConfig
+    [chat]                                   # rdt_interp.studies.chat.ChatRefusalConfig
     n_train = 128
     alphas = [1.0, 2.0, 4.0]
     [chat.selection]                         # rdt_interp.directions.selection.SelectionConfig
@@ -24,7 +24,7 @@ optionally a VLA and the VLA-side study settings::
     [vla_model]
     adapter = "testbed"                      # testbed | testbed-tiny | openvla | openvla-7b-random
 
-    [vla]                                    # rdt_interp.experiments.vla_rdt.VLARDTConfig
+    [vla]                                    # rdt_interp.studies.vla.VLARDTConfig
     alphas = [1.0, 2.0, 4.0]
 
 Sections map one-to-one onto the frozen config dataclasses of the studies, validated with
@@ -38,14 +38,14 @@ import os
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from rdt_interp.directions.selection import SelectionConfig
 from rdt_interp.errors import ConfigError
-from rdt_interp.experiments.chat_refusal import ChatRefusalConfig
-from rdt_interp.experiments.vla_rdt import VLARDTConfig
+from rdt_interp.studies.chat.config import ChatRefusalConfig
+from rdt_interp.studies.vla.config import VLARDTConfig
 
 VLAKind = Literal["testbed", "testbed-tiny", "openvla", "openvla-7b-random"]
 #: dtypes a config may name (a typo is a config error, not an AttributeError after the chat side ran)
@@ -114,19 +114,20 @@ class StudyConfig:
 for _cls in (ChatModelSpec, DirectionSpec, VLAModelSpec, StudyConfig, ChatRefusalConfig,
              SelectionConfig, VLARDTConfig):
     _cls.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[attr-defined]
-_ADAPTER = TypeAdapter(StudyConfig)
+_SECTION_ADAPTERS: dict[Any, TypeAdapter[Any]] = {StudyConfig: TypeAdapter(StudyConfig)}
+#: the VLA kinds a config (and a distributed job) may name
+VLA_KINDS: tuple[str, ...] = get_args(VLAKind)
 
 
-def parse_config(data: dict[str, Any], *, source: str = "config") -> StudyConfig:
-    """Validate a config mapping (e.g. parsed TOML); errors name the offending key.
-
-    Strict: a number must be written as a number (``alpha = "2"`` is an error, not 2.0), an
-    integer as an integer; TOML arrays fill tuple fields. Model names are checked separately
-    (:func:`rdt_interp.experiments.study.check_models`), since that looks at the filesystem.
-    """
+def validate_section(cls: Any, data: Any, *, source: str = "config") -> Any:
+    """``data`` validated as ``cls`` (a config dataclass), strictly and with unknown keys refused:
+    the one schema check of study configs, distributed job files and their sections."""
+    if cls not in _SECTION_ADAPTERS:
+        cls.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[attr-defined]
+        _SECTION_ADAPTERS[cls] = TypeAdapter(cls)
     try:
         # JSON mode is what makes strict validation accept arrays for tuple fields.
-        return _ADAPTER.validate_json(json.dumps(data, default=str), strict=True)
+        return _SECTION_ADAPTERS[cls].validate_json(json.dumps(data, default=str), strict=True)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
@@ -136,7 +137,17 @@ def parse_config(data: dict[str, Any], *, source: str = "config") -> StudyConfig
                 msg = "unknown key"
             lines.append(f"  {loc}: {msg}")
         raise ConfigError(f"{source} is invalid:\n" + "\n".join(lines),
-                          fix="see the schema in rdt_interp/experiments/config.py (docs/cli.md)") from None
+                          fix="see the schema in rdt_interp/studies/config.py (docs/cli.md)") from None
+
+
+def parse_config(data: dict[str, Any], *, source: str = "config") -> StudyConfig:
+    """Validate a config mapping (e.g. parsed TOML); errors name the offending key.
+
+    Strict: a number must be written as a number (``alpha = "2"`` is an error, not 2.0), an
+    integer as an integer; TOML arrays fill tuple fields. Model names are checked separately
+    (:func:`rdt_interp.studies.study.check_models`), since that looks at the filesystem.
+    """
+    return validate_section(StudyConfig, data, source=source)
 
 
 def load_config(path: str | os.PathLike[str]) -> StudyConfig:

@@ -6,7 +6,7 @@ validation prompts are filtered first (:func:`~rdt_interp.directions.selection.f
 harmful ones the model does not refuse and harmless ones it does are dropped (step ``filter``;
 ``filter_data = false`` turns it off, a departure the report names). Test prompts are never
 filtered. Every step is cached in the run directory
-(:class:`~rdt_interp.experiments.rundir.RunDir`), so an interrupted run resumes.
+(:class:`~rdt_interp.studies.rundir.RunDir`), so an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,51 +29,13 @@ from rdt_interp.directions.selection import (
     select_direction,
 )
 from rdt_interp.errors import ConfigError, SelectionError
-from rdt_interp.experiments.rundir import RunDir
 from rdt_interp.models.chat import ChatModel
 from rdt_interp.prompts import load_split
 from rdt_interp.storage import digest_strings, digest_tensor
+from rdt_interp.studies.chat.config import ChatRefusalConfig
+from rdt_interp.studies.rundir import RunDir
 from rdt_interp.tracing.generation import complete
 from rdt_interp.tracing.interventions import AblateDirection, AddDirection
-
-
-@dataclass(frozen=True)
-class ChatRefusalConfig:
-    model: str = "qwen2.5-coder-0.5b-instruct"
-    n_train: int = 128
-    n_test: int = 128
-    # Arditi et al. add r with coefficient 1; more values: chosen on validation (a named departure)
-    alphas: tuple[float, ...] = (1.0,)
-    alpha_val_n: int = 32
-    max_new_tokens: int = 48
-    gen_batch_size: int = 32
-    capture_batch_size: int = 16
-    # Arditi et al.'s selection by default; SelectionConfig.departures() names any other setting.
-    selection: SelectionConfig = field(default_factory=SelectionConfig)
-    # Arditi et al.'s data filter (train and validation prompts by baseline refusal score).
-    filter_data: bool = True
-    n_boot: int = 2000
-    seed: int = 0
-
-    def departures(self) -> list[str]:
-        """Where this study departs from Arditi et al.'s procedure, in words."""
-        out = [] if self.filter_data else ["no data filtering (reference: train/val prompts filtered "
-                                           "by baseline refusal score)"]
-        out += self.selection.departures()
-        if tuple(self.alphas) != (1.0,):
-            out.append(f"addition coefficient chosen on {self.alpha_val_n} harmless validation prompts "
-                       f"from {list(self.alphas)} (reference: 1)")
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ChatRefusalConfig:
-        d = dict(d)
-        d["selection"] = SelectionConfig(**d.get("selection", {}))
-        d["alphas"] = tuple(d.get("alphas", cls.alphas))
-        return cls(**d)
 
 
 def _n_val(cfg: ChatRefusalConfig) -> int:

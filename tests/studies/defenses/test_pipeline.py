@@ -14,7 +14,8 @@ from rdt_interp.defenses.prompting import DefensivePrompt
 from rdt_interp.defenses.subspace import subspace_from_activations
 from rdt_interp.directions.direction import Direction, Provenance
 from rdt_interp.errors import ConfigError
-from rdt_interp.experiments.defenses import (
+from rdt_interp.storage import read_json
+from rdt_interp.studies.defenses import (
     DEFENSES,
     DefenseContext,
     DefensesConfig,
@@ -25,10 +26,9 @@ from rdt_interp.experiments.defenses import (
     run_defenses,
     zero_motion_rate,
 )
-from rdt_interp.experiments.vla_rdt import ActionSet, load_requests, predict
-from rdt_interp.storage import read_json
+from rdt_interp.studies.vla import ActionSet, load_requests, predict
 
-from ..vla_adapters import unit_direction
+from ...vla_adapters import unit_direction
 
 
 def _direction(vla) -> Direction:

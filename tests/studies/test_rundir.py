@@ -3,7 +3,7 @@ import json
 import pytest
 
 from rdt_interp.errors import ConfigError, CorruptFileError
-from rdt_interp.experiments.rundir import RunDir
+from rdt_interp.studies.rundir import RunDir
 
 
 def test_truncated_config_json_is_a_typed_error_naming_the_path(tmp_path):

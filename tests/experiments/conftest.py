@@ -1,1 +1,0 @@
-from ..vla_adapters import vla  # noqa: F401  (the VLA families, for tests/experiments/test_vla_rdt.py)
