@@ -1,4 +1,4 @@
-"""Fast path vs eager path on a trained model: the testbed VLA in bf16, held-out test scenes.
+"""Fast path vs eager path on a trained model: the testbed VLA (bf16 by default), held-out test scenes.
 
 Random weights give near-flat logits, so bf16 disagreements between two correct implementations
 say little there; the trained testbed VLA has real margins. For ``--n`` samples of the held-out
@@ -72,10 +72,11 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=4.0)
     ap.add_argument("--alpha-text", type=float, default=4.0)
     ap.add_argument("--fuse", action="store_true", help="fused q/k/v and gate/up on the fast path (CUDA default)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = ap.parse_args()
     t0 = time.perf_counter()
     device = torch.device(args.device)
-    vla = load_testbed_vla(device=device, dtype=torch.bfloat16)
+    vla = load_testbed_vla(device=device, dtype=getattr(torch, args.dtype))
     vla.constrain_actions = True  # as the demo decodes
     demos = generate_demos("test", min_samples=args.n, image_size=vla.image_size)
     idx = np.sort(np.random.default_rng(0).permutation(len(demos))[: args.n])
@@ -88,7 +89,7 @@ def main() -> None:
         source = "random unit"
     r = r / r.norm()
     fast = FastGenerator(vla, max_batch=args.batch_size, fuse_projections=args.fuse if args.fuse else None)
-    out: dict[str, Any] = {"device": device_name(args.device), "dtype": "bfloat16", "model": vla.name,
+    out: dict[str, Any] = {"device": device_name(args.device), "dtype": args.dtype, "model": vla.name,
                            "samples": args.n, "split": "test", "fast_path": None,
                            "steering": {"direction": source, "layer": args.layer, "alpha": args.alpha,
                                         "alpha_text": args.alpha_text}}
