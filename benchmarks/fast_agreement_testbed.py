@@ -36,18 +36,20 @@ from rdt_interp.testbed.dataset import generate_demos  # noqa: E402
 from rdt_interp.tracing import rdt_plus  # noqa: E402
 
 
-def compare(ref: Any, got: Any) -> dict[str, Any]:
+def compare(ref: Any, got: Any, token_ids: torch.Tensor) -> dict[str, Any]:
     a, b = ref.token_ids.cpu(), got.token_ids.cpu()
     eq = a == b
     logits = ref.action_logits.float().cpu()  # [n, 7, 256] over the action bins
     first = torch.topk(logits[:, 0], 2, dim=-1).values
     gaps: list[float] = []
-    bins_a, bins_b = ref.bins.cpu(), got.bins.cpu()
+    # action_logits are ordered as the action tokenizer's token_ids (OpenVLA maps bins to ids in
+    # reverse), so a token's logit is found by its place in token_ids, not by its bin
+    place = {int(t): i for i, t in enumerate(token_ids.tolist())}
     for r in range(a.shape[0]):
         bad = (~eq[r]).nonzero()
         if len(bad):
             s = int(bad[0])
-            gaps.append(float(logits[r, s, bins_a[r, s]] - logits[r, s, bins_b[r, s]]))
+            gaps.append(float(logits[r, s, place[int(a[r, s])]] - logits[r, s, place[int(b[r, s])]]))
     return {
         "rows": int(a.shape[0]),
         "rows_identical": float(eq.all(dim=1).float().mean()),
@@ -101,7 +103,7 @@ def main() -> None:
             gots.append(fast.predict_actions(chunk, interventions=ivs, return_logits=True))
         cat = lambda ps: type(ps[0])(*[torch.cat([getattr(p, f).cpu() for p in ps]) if getattr(ps[0], f) is not None  # noqa: E731
                                         else None for f in ps[0].__dataclass_fields__])
-        out[name] = compare(cat(refs), cat(gots))
+        out[name] = compare(cat(refs), cat(gots), vla.action_tokenizer.token_ids.cpu())
         print(name, out[name], flush=True)
     out["fast_path"] = fast.describe()
     out["total_seconds"] = time.perf_counter() - t0
