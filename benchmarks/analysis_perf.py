@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from rdt_interp.analysis.probes import Labeled, probe_grid
+from rdt_interp.analysis.probe_grid import probe_grid
+from rdt_interp.analysis.probes import Labeled
 from rdt_interp.analysis.specificity import ProjectionAUC, specificity_test
 
 

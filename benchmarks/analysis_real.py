@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from rdt_interp.analysis.alignment import align_directions
-from rdt_interp.analysis.probes import Labeled, class_mean_difference, evaluate_selected, probe_grid
+from rdt_interp.analysis.probe_grid import evaluate_selected, probe_grid
+from rdt_interp.analysis.probes import Labeled, class_mean_difference
 from rdt_interp.analysis.specificity import (
     ProjectionAUC,
     label_shuffled_direction,

@@ -28,18 +28,20 @@ from rdt_interp.analysis.behaviour import (
 )
 from rdt_interp.analysis.layer_pick import LayerPick, grid_peaks, pick_layer
 from rdt_interp.analysis.permutation import permuted_labels, shuffled_mean_differences
-from rdt_interp.analysis.probes import (
-    Labeled,
+from rdt_interp.analysis.probe_grid import (
     LayerSelection,
-    LinearProbe,
     ProbeGrid,
     TransferResult,
-    class_mean_difference,
     evaluate_selected,
-    fit_probe,
     probe_grid,
     select_layer,
     transfer_auc,
+)
+from rdt_interp.analysis.probes import (
+    Labeled,
+    LinearProbe,
+    class_mean_difference,
+    fit_probe,
 )
 from rdt_interp.analysis.specificity import (
     ProjectionAUC,

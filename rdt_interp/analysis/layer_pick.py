@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Float
 
 from rdt_interp.analysis._result import ResultMixin
-from rdt_interp.analysis.probes import ProbeGrid
+from rdt_interp.analysis.probe_grid import ProbeGrid
 from rdt_interp.analysis.stats import Array, as_tensor, benjamini_hochberg, holm
 from rdt_interp.errors import ConfigError
 
@@ -132,7 +132,7 @@ _GRID_METRICS = {"proj_auc": "proj_p", "proj_d": "proj_p", "probe_auc": "probe_p
 
 def grid_peaks(grid: ProbeGrid, metric: str = "proj_auc", *, method: str = "holm",
                level: float = 0.05) -> dict[str, LayerPick]:
-    """Per position (role) of a :class:`~rdt_interp.analysis.probes.ProbeGrid`: the peak layer of
+    """Per position (role) of a :class:`~rdt_interp.analysis.probe_grid.ProbeGrid`: the peak layer of
     ``metric`` with its p-value adjusted across the grid's layers (one family per role).
 
     ``proj_auc`` peaks at the largest ``|AUC - 0.5|`` and ``proj_d`` at the largest ``|d|``
@@ -142,7 +142,8 @@ def grid_peaks(grid: ProbeGrid, metric: str = "proj_auc", *, method: str = "holm
 
     Examples
     --------
-    >>> from rdt_interp.analysis.probes import Labeled, probe_grid
+    >>> from rdt_interp.analysis.probe_grid import probe_grid
+    >>> from rdt_interp.analysis.probes import Labeled
     >>> g = torch.Generator().manual_seed(0)
     >>> y = torch.arange(40) < 20
     >>> x = torch.randn(40, 3, 1, 8, generator=g)

@@ -23,10 +23,10 @@ import contextlib
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Literal, no_type_check
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +35,9 @@ from torch import Tensor
 from rdt_interp.errors import ConfigError
 from rdt_interp.fast.decoder import (
     DecoderStack,
-    decode_layer,
     greedy,
-    head_logits,
-    prefill_layer,
 )
+from rdt_interp.fast.kernels import Kernels, dynamo_limits, stream_ctx
 from rdt_interp.fast.steering import SteeringBuffers, SteeringLayout
 from rdt_interp.models.adapter import EncodedBatch, ModelAdapter
 from rdt_interp.models.openvla.modeling import MultimodalLayout
@@ -78,68 +76,6 @@ class _Step:
             self.graph.replay()
         else:
             self.fn()
-
-
-class _CompiledOrEager:
-    """A compiled kernel that becomes its eager version for good if compiling or running it
-    raises (a compiler problem on the target torch costs speed, not the run). Re-running
-    eagerly is safe: a kernel only writes its outputs and the same cache slots."""
-
-    def __init__(self, name: str, eager: Callable[..., Any], on_fail: Callable[[str, Exception], None],
-                 **compile_kw: Any) -> None:
-        self.name = name
-        self.eager = eager
-        self.compiled = torch.compile(eager, fullgraph=True, **compile_kw)
-        self.on_fail = on_fail
-        self.failed = False
-
-    def __call__(self, *args: Any) -> Any:
-        if self.failed:
-            return self.eager(*args)
-        try:
-            return self.compiled(*args)
-        except Exception as exc:  # noqa: BLE001 - any compiler/runtime failure of the compiled kernel
-            self.failed = True
-            self.on_fail(self.name, exc)
-            return self.eager(*args)
-
-
-class _Kernels:
-    """The per-layer functions, compiled or not.
-
-    Each kind gets its own function object (not a ``functools.partial``, which dynamo would
-    compile through one shared wrapper), so compiled variants are counted per kind.
-    """
-
-    def __init__(self, stack: DecoderStack, *, compile_decode: bool, compile_prefill: bool,
-                 on_fail: Callable[[str, Exception], None], autotune: bool = False) -> None:
-        spec, eps = stack.spec, stack.spec.final_eps
-
-        @no_type_check
-        def prefill(h, w, k_cache, v_cache, cos, sin, mask, adds):
-            return prefill_layer(h, w, k_cache, v_cache, cos, sin, mask, adds, spec=spec)
-
-        @no_type_check
-        def decode(h, w, k_cache, v_cache, cos, sin, mask, slot, adds):
-            return decode_layer(h, w, k_cache, v_cache, cos, sin, mask, slot, adds, spec=spec)
-
-        @no_type_check
-        def head(h_last, norm_w, lm_w, lm_b):
-            return head_logits(h_last, norm_w, lm_w, lm_b, eps=eps)
-
-        # decode shapes are static per batch size; prefill shapes also vary with the bucket, so
-        # let dynamo make the dimension that changed dynamic (a new bucket then needs no compile)
-        self.prefill_layer = (_CompiledOrEager("prefill layer", prefill, on_fail, dynamic=None)
-                              if compile_prefill else prefill)
-        # autotune: Inductor benchmarks its own (Triton) matmul kernels against cuBLAS for the
-        # decode shapes; the steps are captured as CUDA graphs here, so not by Inductor
-        dec_kw: dict[str, Any] = {"dynamic": False}
-        if autotune:
-            dec_kw["mode"] = "max-autotune-no-cudagraphs"
-        self.decode_layer = (_CompiledOrEager("decode layer", decode, on_fail, **dec_kw)
-                             if compile_decode else decode)
-        self.head = _CompiledOrEager("LM head", head, on_fail, **dec_kw) if compile_decode else head
-        self.compiled = compile_decode or compile_prefill
 
 
 def _round_up(n: int, k: int) -> int:
@@ -224,7 +160,7 @@ class FastGenerator:
         self.stats = FastStats(compile_mode=mode, cuda_graphs=self.cuda_graphs)
         if autotune and mode == "none":
             raise ConfigError("autotune needs a compiled decode step", fix="use compile='decode' or 'all'")
-        self._kernels = _Kernels(self.stack, compile_decode=mode in ("decode", "all"),
+        self._kernels = Kernels(self.stack, compile_decode=mode in ("decode", "all"),
                                  compile_prefill=mode == "all", on_fail=self._compile_failed, autotune=autotune)
         if autotune:
             self.stats.compile_mode += " (decode: max-autotune)"
@@ -426,7 +362,7 @@ class FastGenerator:
         self._ensure(pkey, dkey, steer, b, length, opts)
         prefill, decode = self._steps[pkey], self._steps[dkey]
         eager_compiled = self._kernels.compiled and not self.cuda_graphs
-        with _dynamo_limits() if eager_compiled else contextlib.nullcontext():
+        with dynamo_limits() if eager_compiled else contextlib.nullcontext():
             self._run_once(prefill, decode)
         self.stats.calls += 1
         self._last = (pkey, dkey)
@@ -602,7 +538,7 @@ class FastGenerator:
 
     def _warm(self, prefill: Callable[[], None], decode: Callable[[], None]) -> None:
         """Eager runs on a side stream (what CUDA-graph capture needs; compiles on the first)."""
-        with _stream_ctx(self.device) as stream, _dynamo_limits():
+        with stream_ctx(self.device) as stream, dynamo_limits():
             for _ in range(max(1, self.warmup)):
                 self._run_once(prefill, decode)
             if stream is not None:
@@ -620,7 +556,7 @@ class FastGenerator:
         t0 = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         try:
-            with _dynamo_limits(), torch.cuda.graph(graph, pool=self._pool):
+            with dynamo_limits(), torch.cuda.graph(graph, pool=self._pool):
                 fn()
         except Exception as exc:  # noqa: BLE001 - fall back to eager steps rather than fail
             torch.cuda.synchronize(self.device)
@@ -655,26 +591,3 @@ def _row_ivs(ivs: list[Any], a: int, b: int) -> list[Any]:
         alpha = getattr(iv, "alpha", None)
         out.append(replace(iv, alpha=alpha[a:b]) if isinstance(alpha, Tensor) and alpha.ndim == 1 else iv)
     return out
-
-
-@contextlib.contextmanager
-def _stream_ctx(device: torch.device) -> Iterator[Any]:
-    if device.type != "cuda":
-        yield None
-        return
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        yield stream
-    torch.cuda.current_stream(device).wait_stream(stream)
-
-
-@contextlib.contextmanager
-def _dynamo_limits() -> Iterator[None]:
-    """Room for one compiled variant per (batch size, bucket, steering sites) of a layer."""
-    import torch._dynamo  # lazy: the compiler stack loads only when a layer is compiled
-
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    with cfg.patch(**{name: max(64, int(getattr(cfg, name)))}):
-        yield

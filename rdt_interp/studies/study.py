@@ -166,7 +166,8 @@ def cross_model(chat_model: Any, vla: Any, run_path: Path, cfg: StudyConfig, *, 
     """Chat vs VLA: per-layer cosine of the two models' harmful-vs-benign directions against the
     random null, and the transfer AUC of a chat-trained probe on the VLA's residuals."""
     from rdt_interp.analysis.alignment import align_directions
-    from rdt_interp.analysis.probes import Labeled, fit_probe, transfer_auc
+    from rdt_interp.analysis.probe_grid import transfer_auc
+    from rdt_interp.analysis.probes import Labeled, fit_probe
     from rdt_interp.directions.diff_in_means import extract_candidates
     from rdt_interp.studies.chat import chat_run_dir, chat_splits
     from rdt_interp.studies.vla import config_requests, subset

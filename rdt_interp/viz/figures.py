@@ -24,7 +24,7 @@ from matplotlib.transforms import blended_transform_factory
 from rdt_interp.analysis._result import coerce
 from rdt_interp.analysis.alignment import AlignmentResult
 from rdt_interp.analysis.behaviour import ActionMetrics
-from rdt_interp.analysis.probes import ProbeGrid
+from rdt_interp.analysis.probe_grid import ProbeGrid
 from rdt_interp.analysis.specificity import SpecificityResult
 from rdt_interp.analysis.subspace import Spectrum, SubspaceComparison
 from rdt_interp.errors import ConfigError

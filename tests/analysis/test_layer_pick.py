@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from rdt_interp.analysis.layer_pick import LayerPick, _vector, grid_peaks, pick_layer
-from rdt_interp.analysis.probes import Labeled, probe_grid
+from rdt_interp.analysis.probe_grid import probe_grid
+from rdt_interp.analysis.probes import Labeled
 from rdt_interp.analysis.stats import holm
 from rdt_interp.errors import ConfigError
 from rdt_interp.storage import to_json

@@ -4,19 +4,21 @@ import numpy as np
 import pytest
 import torch
 
-from rdt_interp.analysis.probes import (
-    Labeled,
-    LinearProbe,
+from rdt_interp.analysis.probe_grid import (
     ProbeGrid,
     _crossfit_null,
     _within_fold_permutations,
-    class_mean_difference,
     evaluate_selected,
-    fit_probe,
-    position_names,
     probe_grid,
     select_layer,
     transfer_auc,
+)
+from rdt_interp.analysis.probes import (
+    Labeled,
+    LinearProbe,
+    class_mean_difference,
+    fit_probe,
+    position_names,
 )
 from rdt_interp.analysis.stats import auc, stratified_folds
 from rdt_interp.errors import ConfigError, DModelMismatchError

@@ -139,7 +139,8 @@ def test_role_specs_and_errors(vla):
 
 
 def test_role_activations_feed_the_probes(vla):
-    from rdt_interp.analysis.probes import Labeled, probe_grid
+    from rdt_interp.analysis.probe_grid import probe_grid
+    from rdt_interp.analysis.probes import Labeled
 
     caps = capture_roles(vla, requests_for(vla, 8, seed=2), roles=("last_text", "first_action"), layers=[0, 1])
     data = caps.labeled(torch.tensor([1, 0] * 4, dtype=torch.bool), split="test")

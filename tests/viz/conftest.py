@@ -5,7 +5,8 @@ import torch
 
 from rdt_interp.analysis.alignment import align_directions
 from rdt_interp.analysis.behaviour import action_metrics
-from rdt_interp.analysis.probes import Labeled, probe_grid
+from rdt_interp.analysis.probe_grid import probe_grid
+from rdt_interp.analysis.probes import Labeled
 from rdt_interp.analysis.specificity import (
     ProjectionAUC,
     label_shuffled_direction,

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from rdt_interp.analysis.probes import Labeled, probe_grid
+from rdt_interp.analysis.probe_grid import probe_grid
+from rdt_interp.analysis.probes import Labeled
 from rdt_interp.analysis.specificity import ProjectionAUC, specificity_test
 from rdt_interp.errors import ConfigError
 from rdt_interp.models.action_tokenizer import ActionTokenizer

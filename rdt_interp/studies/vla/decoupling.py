@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from rdt_interp.analysis.probes import probe_grid
+from rdt_interp.analysis.probe_grid import probe_grid
 from rdt_interp.directions.direction import Direction
 from rdt_interp.models.vla import VLAAdapter
 from rdt_interp.studies.steering import direction_info

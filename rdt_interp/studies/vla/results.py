@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rdt_interp.analysis.behaviour import ActionMetrics, BinShift
-from rdt_interp.analysis.probes import ProbeGrid
+from rdt_interp.analysis.probe_grid import ProbeGrid
 from rdt_interp.analysis.specificity import SpecificityResult
 from rdt_interp.errors import ConfigError
 from rdt_interp.storage import read_json
