@@ -164,8 +164,10 @@ def _direction(cfg: StudyConfig, run: RunDir, chat_model: Any, log: Callable[[st
 def cross_model(chat_model: Any, vla: Any, run_path: Path, cfg: StudyConfig, *, progress: bool = False
                 ) -> dict[str, Any]:
     """Chat vs VLA: per-layer cosine of the two models' harmful-vs-benign directions against the
-    random null, and the transfer AUC of a chat-trained probe on the VLA's residuals."""
-    from rdt_interp.analysis.alignment import align_directions
+    random null and the label-permutation null (the VLA's labels shuffled, the chat directions
+    fixed; ``alignment_<role>["permutation"]``), and the transfer AUC of a chat-trained probe on
+    the VLA's residuals."""
+    from rdt_interp.analysis.alignment import align_directions, cosine_permutation_null
     from rdt_interp.analysis.probes import Labeled, fit_probe, transfer_auc
     from rdt_interp.directions.diff_in_means import extract_candidates
     from rdt_interp.studies.chat import chat_run_dir, chat_splits
@@ -194,8 +196,10 @@ def cross_model(chat_model: Any, vla: Any, run_path: Path, cfg: StudyConfig, *, 
         x = caps.at(role).values[:, :, 0].double()  # [n, layer, d]
         vla_dirs = (x[y].mean(0) - x[~y].mean(0)).float()
         common = min(chat_dirs.shape[0], vla_dirs.shape[0])
+        perm = cosine_permutation_null(x[:, :common], y, chat_dirs[:common], n_permutations=1000,
+                                       seed=cfg.chat.seed, name_a=f"{vla.name}:{role}", name_b=chat_model.name)
         res = align_directions(chat_dirs[:common], vla_dirs[:common], name_a=chat_model.name,
-                               name_b=f"{vla.name}:{role}")
+                               name_b=f"{vla.name}:{role}", permutation=perm)
         out[f"alignment_{role}"] = res.to_dict()
     chat_data = Labeled.from_classes(cands.harmful.values[:, :, pi:pi + 1], cands.harmless.values[:, :, pi:pi + 1],
                                      split="train", layers=cands.layers, positions=("chat",))
