@@ -14,7 +14,6 @@ from rdt_interp.studies.vla import DecouplingResult, decoupling, load_requests
 
 from .test_pipeline import _config, _direction
 
-
 _RESULTS: dict[int, DecouplingResult] = {}
 
 
