@@ -1,4 +1,5 @@
-"""The whole study on tiny models: the cross-model label-permutation null is wired in and reported."""
+"""The whole study on tiny models: the cross-model label-permutation null and the specificity
+step's label-shuffled null are wired in and reported."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ import pytest
 import torch
 
 from rdt_interp.analysis.alignment import AlignmentResult
+from rdt_interp.analysis.specificity import label_shuffled_directions
+from rdt_interp.directions.diff_in_means import extract_candidates
+from rdt_interp.directions.direction import Direction
+from rdt_interp.studies.chat import chat_run_dir, chat_splits
 from rdt_interp.studies.config import parse_config
-from rdt_interp.studies.study import run_study
+from rdt_interp.studies.study import run_study, shuffled_directions
+from rdt_interp.studies.vla import load_vla_rdt
 from rdt_interp.viz.figures import alignment_layers
 
 STUDY = {
@@ -22,7 +28,7 @@ STUDY = {
                            "if_none_pass": "unfiltered"}},
     "vla_model": {"adapter": "testbed-tiny"},
     "vla": {"alphas": [2.0], "sweep_modes": ["action"], "target_modes": ["action"], "n_pairs": 4,
-            "n_random": 100, "specificity_pairs": 2, "n_boot": 50, "n_perm": 50, "folds": 2,
+            "n_random": 100, "n_shuffled": 20, "specificity_pairs": 2, "n_boot": 50, "n_perm": 50, "folds": 2,
             "probe": False, "decoupling_roles": ["last_text", "first_action"]},
 }
 
@@ -69,3 +75,34 @@ def test_cross_model_reports_the_label_permutation_null(study):
         labels = [t.get_text() for t in alignment_layers(old).axes[0].get_legend().get_texts()]
         assert not any("shuffled labels" in t for t in labels)
     assert (out / "figures" / "cross_model_alignment_last_text.png").is_file()
+
+
+def test_specificity_reports_the_shuffled_chat_direction_null(study):
+    cfg, out, summary = study
+    res = load_vla_rdt(out / "vla")
+    spec = res.specificity
+    assert res.config.n_shuffled == 20 and spec.n_shuffled == 20 and spec.shuffled_null.shape == (20,)
+    assert 1 / 21 <= spec.shuffled_p <= 1 and 1 / 101 <= spec.p <= 1
+    vla_summary = json.loads((out / "vla" / "summary.json").read_text())
+    assert vla_summary["specificity"]["shuffled_p"] == spec.shuffled_p
+    assert vla_summary["specificity"]["p"] == spec.p
+    # the directions are the chat activations' class-mean differences with shuffled labels, at
+    # the chosen layer and position, seeded by the VLA seed
+    from rdt_interp.models.loading import load_chat_model
+
+    chat = load_chat_model(cfg.chat_model.name, dtype=cfg.chat_model.dtype, device="cpu")
+    direction = Direction.load(out / "chat" / "direction.safetensors")
+    got = shuffled_directions(cfg, out, chat, direction)
+    splits = chat_splits(chat, cfg.chat, chat_run_dir(out / "chat", cfg.chat))
+    cands = extract_candidates(chat, splits["harmful_train"], splits["harmless_train"],
+                               cache=out / "chat" / "activations", progress=False)
+    li = cands.layers.index(direction.provenance.layer)
+    pi = cands.positions.index(int(direction.provenance.position.split("[")[1].rstrip("]")))
+    xh, xl = cands.harmful.values[:, li, pi], cands.harmless.values[:, li, pi]
+    y = torch.arange(xh.shape[0] + xl.shape[0]) < xh.shape[0]
+    want = label_shuffled_directions(torch.cat([xh, xl]).double(), y, 20, seed=cfg.vla.seed).float()
+    assert got.shape == (20, chat.d_model) and torch.equal(got, want)
+    ident = json.loads((out / "vla" / "config.json").read_text())
+    assert ident["shuffled"]["n"] == 20
+    off = parse_config({**STUDY, "vla": {**STUDY["vla"], "n_shuffled": 0}})
+    assert shuffled_directions(off, out, chat, direction) is None

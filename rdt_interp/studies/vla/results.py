@@ -186,6 +186,9 @@ class VLARDTResult:
             s = self.specificity
             out["specificity"] = {"real": s.real, "p": s.p, "z": s.z, "null_mean": s.null_mean,
                                   "n_random": s.n_random, "-r": s.controls.get("-r", {}).get("effect")}
+            if s.shuffled_null is not None:  # the label-shuffled null, beside the random-direction p
+                out["specificity"].update({"shuffled_p": s.shuffled_p, "shuffled_z": s.shuffled_z,
+                                           "n_shuffled": s.n_shuffled})
         if self.decoupling is not None:
             out["decoupling"] = {role: {k: round(v[0], 4) for k, v in cell.items()}
                                  for role, cell in self.decoupling.at_layer().items()}
