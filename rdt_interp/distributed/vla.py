@@ -44,12 +44,14 @@ def run_vla_rdt_distributed(
     *,
     progress: bool = False,
     log: Say = print,
+    shuffled: Tensor | None = None,
 ) -> VLARDTResult:
     """``run_vla_rdt`` on every rank of ``ctx`` (each with its own copy of the model): the
     sweeps and the specificity null in shards, the rest on rank 0. Same run directory layout
-    and files; returns the result on every rank (rank 0 writes it)."""
+    and files; returns the result on every rank (rank 0 writes it). ``shuffled``: as in
+    ``run_vla_rdt`` (the same on every rank)."""
     return run_vla_rdt(adapter, direction, config, run_dir, progress=progress, log=log,
-                       executor=ShardedExecutor(ctx, log=log))
+                       executor=ShardedExecutor(ctx, log=log), shuffled=shuffled)
 
 
 def sharded_conditions(

@@ -231,14 +231,17 @@ def run_study_distributed(ctx: DistContext, config: str | Path, run_dir: str | P
         sharded_selection(ctx, chat_run, "selection", chat_model, cands, splits["harmful_val"],
                           splits["harmless_val"], cfg.chat.selection, say=say)
         del cands
-    direction = None
+    direction = shuffled = None
     if ctx.is_main:
         run_chat_refusal(chat_model, cfg.chat, run.path / "chat", progress=progress, log=say)
         direction = study._direction(cfg, run, chat_model, say) if cfg.vla_model is not None else None
+        if direction is not None:
+            shuffled = study.shuffled_directions(cfg, run.path, chat_model, direction)
     else:
         del chat_model
         chat_model = None
     direction = ctx.broadcast(direction)
+    shuffled = ctx.broadcast(shuffled)
     vla = None
     if cfg.vla_model is not None and cfg.vla is not None:
         vla_device = str(ctx.device) if on_gpu or cfg.vla_model.device.startswith("cuda") else cfg.vla_model.device
@@ -249,7 +252,8 @@ def run_study_distributed(ctx: DistContext, config: str | Path, run_dir: str | P
             raise DModelMismatchError(expected=vla.d_model, actual=direction.d_model,
                                       what=f"the direction of {cfg.chat_model.name}")
         ctx.check_same("the VLA weights (digest)", vla.digest())
-        run_vla_rdt_distributed(ctx, vla, direction, cfg.vla, run.path / "vla", progress=progress, log=say)
+        run_vla_rdt_distributed(ctx, vla, direction, cfg.vla, run.path / "vla", progress=progress, log=say,
+                                shuffled=shuffled)
     return ctx.on_main(lambda: study.run_study(cfg, run_dir, progress=progress, log=say, chat_model=chat_model,
                                                vla=vla))
 

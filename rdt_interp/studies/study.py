@@ -121,7 +121,9 @@ def run_study(
         if vla.d_model != direction.d_model:
             raise DModelMismatchError(expected=vla.d_model, actual=direction.d_model,
                                       what=f"the direction of {cfg.chat_model.name}")
-        result = run_vla_rdt(vla, direction, cfg.vla, run.path / "vla", progress=progress, log=log)
+        shuffled = shuffled_directions(cfg, run.path, chat_model, direction, progress=progress)
+        result = run_vla_rdt(vla, direction, cfg.vla, run.path / "vla", progress=progress, log=log,
+                             shuffled=shuffled)
         summary["vla"] = {"model": vla.describe(), "alpha": result.alpha,
                           "random_weights": bool(vla.random_weights)}
         if cfg.cross_model:
@@ -161,11 +163,38 @@ def _direction(cfg: StudyConfig, run: RunDir, chat_model: Any, log: Callable[[st
     return Direction.load(path, d_model=chat_model.d_model)
 
 
+def shuffled_directions(cfg: StudyConfig, run_path: Path, chat_model: Any, direction: Direction, *,
+                        progress: bool = False) -> torch.Tensor | None:
+    """The label-shuffled null of the VLA specificity step: ``cfg.vla.n_shuffled`` class-mean
+    differences of the chat model's train activations at the direction's layer and position with
+    the harmful/harmless labels shuffled (seed ``cfg.vla.seed``); ``None`` when ``n_shuffled`` is
+    0 or specificity is off. Reads the activation cache the chat side wrote."""
+    if cfg.vla is None or not cfg.vla.n_shuffled or not cfg.vla.specificity:
+        return None
+    from rdt_interp.analysis.specificity import label_shuffled_directions
+    from rdt_interp.directions.diff_in_means import extract_candidates
+    from rdt_interp.studies.chat import chat_run_dir, chat_splits
+
+    splits = chat_splits(chat_model, cfg.chat, chat_run_dir(run_path / "chat", cfg.chat))
+    cands = extract_candidates(chat_model, splits["harmful_train"], splits["harmless_train"],
+                               batch_size=cfg.chat.capture_batch_size,
+                               cache=run_path / "chat" / "activations", progress=progress)
+    prov = direction.provenance
+    li = cands.layers.index(prov.layer)
+    pi = cands.positions.index(int(prov.position.split("[")[1].rstrip("]")))
+    xh, xl = cands.harmful.values[:, li, pi], cands.harmless.values[:, li, pi]
+    xs = torch.cat([xh, xl]).double()
+    ys = torch.cat([torch.ones(xh.shape[0], dtype=torch.bool), torch.zeros(xl.shape[0], dtype=torch.bool)])
+    return label_shuffled_directions(xs, ys, cfg.vla.n_shuffled, seed=cfg.vla.seed).float()
+
+
 def cross_model(chat_model: Any, vla: Any, run_path: Path, cfg: StudyConfig, *, progress: bool = False
                 ) -> dict[str, Any]:
     """Chat vs VLA: per-layer cosine of the two models' harmful-vs-benign directions against the
-    random null, and the transfer AUC of a chat-trained probe on the VLA's residuals."""
-    from rdt_interp.analysis.alignment import align_directions
+    random null and the label-permutation null (the VLA's labels shuffled, the chat directions
+    fixed; ``alignment_<role>["permutation"]``), and the transfer AUC of a chat-trained probe on
+    the VLA's residuals."""
+    from rdt_interp.analysis.alignment import align_directions, cosine_permutation_null
     from rdt_interp.analysis.probe_grid import transfer_auc
     from rdt_interp.analysis.probes import Labeled, fit_probe
     from rdt_interp.directions.diff_in_means import extract_candidates
@@ -195,8 +224,10 @@ def cross_model(chat_model: Any, vla: Any, run_path: Path, cfg: StudyConfig, *, 
         x = caps.at(role).values[:, :, 0].double()  # [n, layer, d]
         vla_dirs = (x[y].mean(0) - x[~y].mean(0)).float()
         common = min(chat_dirs.shape[0], vla_dirs.shape[0])
+        perm = cosine_permutation_null(x[:, :common], y, chat_dirs[:common], n_permutations=1000,
+                                       seed=cfg.chat.seed, name_a=f"{vla.name}:{role}", name_b=chat_model.name)
         res = align_directions(chat_dirs[:common], vla_dirs[:common], name_a=chat_model.name,
-                               name_b=f"{vla.name}:{role}")
+                               name_b=f"{vla.name}:{role}", permutation=perm)
         out[f"alignment_{role}"] = res.to_dict()
     chat_data = Labeled.from_classes(cands.harmful.values[:, :, pi:pi + 1], cands.harmless.values[:, :, pi:pi + 1],
                                      split="train", layers=cands.layers, positions=("chat",))

@@ -132,7 +132,8 @@ def alignment_layers(
     height: float | None = None,
 ) -> Figure:
     """Cosine of the two models' directions per layer, against the band that random directions
-    in ``d_model`` dimensions fall in (95%: shaded, 99%: dotted)."""
+    in ``d_model`` dimensions fall in (95%: shaded, 99%: dotted), and, when the result carries
+    one, the label-permutation null's 95% quantile per layer (dashed)."""
     r: AlignmentResult = coerce(result, AlignmentResult)
     if not r.layers:
         raise ConfigError("the two direction sets share no layer labels")
@@ -144,6 +145,14 @@ def alignment_layers(
         for s in (-1, 1):
             a.axhline(s * r.null_q99, color=NULL_COLOR, ls=":", lw=0.8, label="99%" if s == 1 else None)
         a.axhline(0.0, color=NULL_COLOR, lw=0.5)
+        perm_top = 0.0
+        if r.permutation is not None:
+            px, pq = np.asarray(r.permutation.layers), np.asarray(r.permutation.null_q95, dtype=np.float64)
+            for s in (-1, 1):
+                a.plot(px, s * pq, color=PALETTE[1], ls="--", lw=0.8,
+                       label=f"shuffled labels (95%, {r.permutation.n_permutations} perm.)" if s == 1 else None)
+            finite_q = pq[np.isfinite(pq)]
+            perm_top = float(finite_q.max()) if finite_q.size else 0.0
         a.plot(x, r.cos, color=PALETTE[0], marker="o", ms=2.5, label=f"{r.name_a} vs {r.name_b}")
         a.set_xlim(x.min() - 0.5, x.max() + 0.5)
         a.set_xlabel("layer")
@@ -151,9 +160,9 @@ def alignment_layers(
         a.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
         finite = r.cos[np.isfinite(r.cos)]  # a zero direction has no cosine (NaN): a gap
         top = float(np.max(np.abs(finite))) if finite.size else 0.0
-        lim = min(1.05, max(1.1 * top, 3 * r.null_q99))
+        lim = min(1.05, max(1.1 * top, 3 * r.null_q99, 1.1 * perm_top))
         low = finite.size and float(np.min(finite)) < -r.null_q99
-        a.set_ylim(-lim if low else -min(lim, 3 * r.null_q99), lim)
+        a.set_ylim(-lim if low or perm_top else -min(lim, 3 * r.null_q99), lim)
         a.legend(loc="best")
     return fig
 

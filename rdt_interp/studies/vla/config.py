@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rdt_interp.analysis.specificity import MIN_SHUFFLED
 from rdt_interp.errors import ConfigError
 from rdt_interp.studies.steering import SteeringSpec
 from rdt_interp.tracing.interventions import TARGET_MODES
@@ -60,6 +61,9 @@ class VLARDTConfig:
     specificity_metric: str = "zero_mass"
     specificity_pairs: int | None = 16  # test pairs used (None: all)
     n_random: int = 100
+    # label-shuffled chat directions as a second null (0: off; else >= 19, so p can reach 0.05);
+    # the study builds them from the chat activations (run_study), run_vla_rdt takes them as shuffled=
+    n_shuffled: int = 0
     specificity_rows: int = 64  # (prompt, direction) rows per forward pass
     # decoupling
     decoupling: bool = True
@@ -104,6 +108,10 @@ class VLARDTConfig:
                 raise ConfigError(f"{name} must be >= {low}, got {value}",
                                   fix=f"set {name} to at least {low}"
                                   + (" (or leave it out for all)" if name.endswith("pairs") else ""))
+        if self.n_shuffled != 0 and self.n_shuffled < MIN_SHUFFLED:
+            raise ConfigError(f"n_shuffled must be 0 (off) or >= {MIN_SHUFFLED}, got {self.n_shuffled}",
+                              fix=f"set n_shuffled to 0, or to at least {MIN_SHUFFLED} so that the shuffled-label "
+                                  "p-value can reach 0.05")
         for name in ("alpha", "alpha_text_ratio"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
@@ -115,7 +123,10 @@ class VLARDTConfig:
         return SteeringSpec(mode, float(alpha), tuple(layers), self.alpha_text_ratio, self.include_image)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not self.n_shuffled:  # off: the dict (and so run directories' identity) of configs before the option
+            del out["n_shuffled"]
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> VLARDTConfig:

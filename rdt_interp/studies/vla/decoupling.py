@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from rdt_interp.analysis.layer_pick import grid_peaks
 from rdt_interp.analysis.probe_grid import probe_grid
 from rdt_interp.directions.direction import Direction
 from rdt_interp.models.vla import VLAAdapter
@@ -34,6 +35,9 @@ def decoupling(
     cannot score an instruction by its twin (intervals and p-values exact). Otherwise K-fold CV
     over all requests, where stratified folds do split pairs (shared image, near-identical
     text) and the probe AUC is biased; the grid's ``probe_source`` says which was done.
+
+    ``peaks``: per role, the layer of the largest ``|proj AUC - 0.5|`` with its p-value
+    Holm-adjusted over the layer grid (the peak is picked, so its raw p-value overstates).
     """
     d = as_direction(direction, adapter.d_model)
     layers = steering_layers(adapter, d, config.layers)
@@ -54,7 +58,7 @@ def decoupling(
         fit, data = None, caps.labeled(y, split="+".join(sorted({r.split for r in requests})))
     grid = probe_grid(data, directions=d.vector, fit=fit, probe=config.probe, folds=config.folds,
                       n_boot=config.n_boot, n_perm=config.n_perm, seed=config.seed)
-    return DecouplingResult(grid, caps.roles, layers[0], direction_info(d))
+    return DecouplingResult(grid, caps.roles, layers[0], direction_info(d), peaks=grid_peaks(grid, "proj_auc"))
 
 
 __all__ = ["decoupling"]

@@ -15,12 +15,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from rdt_interp.analysis.specificity import SpecificityResult, specificity_test
 from rdt_interp.directions.direction import Direction
 from rdt_interp.errors import ConfigError
 from rdt_interp.models.vla import VLAAdapter, VLARequest
+from rdt_interp.storage import digest_tensor
 from rdt_interp.studies.executor import Executor, LocalExecutor
 from rdt_interp.studies.rundir import RunDir
 from rdt_interp.studies.steering import direction_info
@@ -45,16 +47,45 @@ from rdt_interp.studies.vla.specificity import (
 from rdt_interp.studies.vla.sweeps import choose_alpha, predict_conditions, sweep_metrics
 
 
-def run_identity(adapter: VLAAdapter, direction: Direction, config: VLARDTConfig) -> dict[str, Any]:
+def _shuffled_info(shuffled: Tensor | None) -> dict[str, Any]:
+    if shuffled is None:  # off: the identity of runs before the option
+        return {}
+    return {"shuffled": {"n": int(shuffled.shape[0]), "digest": digest_tensor(shuffled.float().cpu())[:16]}}
+
+
+def run_identity(adapter: VLAAdapter, direction: Direction, config: VLARDTConfig,
+                 shuffled: Tensor | None = None) -> dict[str, Any]:
     """What a run directory of the VLA study is for (its ``config.json``)."""
     info = direction_info(direction)
     return {"experiment": "vla_rdt", "config": config.to_dict(), "model": dict(adapter.describe()),
-            "direction": {"digest": info["digest"], "norm": info["norm"], "rank": info["rank"]}}
+            "direction": {"digest": info["digest"], "norm": info["norm"], "rank": info["rank"]},
+            **_shuffled_info(shuffled)}
 
 
-def shard_identity(adapter: VLAAdapter, direction: Direction, config: VLARDTConfig) -> dict[str, Any]:
+def shard_identity(adapter: VLAAdapter, direction: Direction, config: VLARDTConfig,
+                   shuffled: Tensor | None = None) -> dict[str, Any]:
     """What a shard of a run depends on (the weights by digest, not by name)."""
-    return {"config": config.to_dict(), "model": adapter.digest(), "direction": direction_info(direction)["digest"]}
+    return {"config": config.to_dict(), "model": adapter.digest(), "direction": direction_info(direction)["digest"],
+            **_shuffled_info(shuffled)}
+
+
+def check_shuffled(shuffled: Tensor | None, config: VLARDTConfig, d_model: int) -> Tensor | None:
+    """``shuffled`` as ``[n_shuffled, d_model]`` float32 on the CPU, checked against
+    ``config.n_shuffled`` (``None`` stays ``None``)."""
+    if shuffled is None:
+        if config.n_shuffled and config.specificity:
+            raise ConfigError(f"the config asks for {config.n_shuffled} label-shuffled directions, "
+                              "but none were passed",
+                              fix="pass shuffled=label_shuffled_directions(x, y, config.n_shuffled) "
+                                  "(run_study builds them), or set n_shuffled = 0")
+        return None
+    t = torch.as_tensor(shuffled).detach().float().cpu()
+    if t.ndim != 2 or t.shape[1] != d_model:
+        raise ConfigError(f"shuffled must be [n_shuffled, {d_model}], got shape {tuple(t.shape)}",
+                          fix="pass label_shuffled_directions(x, y, n) of activations of the VLA's width")
+    if config.n_shuffled and t.shape[0] != config.n_shuffled:
+        raise ConfigError(f"{t.shape[0]} label-shuffled directions for n_shuffled = {config.n_shuffled}")
+    return t
 
 
 def conditions_step(
@@ -74,25 +105,28 @@ def conditions_step(
 def specificity_step(
     ex: Executor, run: RunDir, name: str, adapter: VLAAdapter, direction: Direction,
     requests: Sequence[LabeledRequest | VLARequest], config: VLARDTConfig, alpha: float, *,
-    identity: Mapping[str, Any] | None = None,
+    identity: Mapping[str, Any] | None = None, shuffled: Tensor | None = None,
 ) -> SpecificityResult:
     """Step ``name`` of ``run``: :func:`~rdt_interp.studies.vla.direction_specificity` at
-    ``alpha``, the steering effect evaluated by ``ex``."""
+    ``alpha``, the steering effect evaluated by ``ex`` (``shuffled``: the label-shuffled null's
+    directions, or ``None``)."""
     steering = config.steering(config.specificity_mode, alpha, steering_layers(adapter, direction, config.layers))
-    ident = identity if identity is not None else shard_identity(adapter, direction, config)
+    ident = identity if identity is not None else shard_identity(adapter, direction, config, shuffled)
+    kwargs = specificity_kwargs(direction, config, shuffled)
 
     def effect() -> tuple[Any, float]:
         t0 = time.perf_counter()
         eff = ex.effect(specificity_effect(adapter, config, steering), requests, batch_size=config.batch_size,
                         max_rows=config.specificity_rows,
-                        test=lambda e: specificity_test(e, direction.vector, **specificity_kwargs(direction, config)),
+                        test=lambda e: specificity_test(e, direction.vector, **kwargs),
                         about={"name": effect_name(config.specificity_metric, steering.mode, alpha),
                                "reuse": not steering.touches_prefill},
                         run=run, name=name, identity={**ident, "alpha": float(alpha)})
         return eff, t0
 
     return SpecificityResult.from_dict(ex.step(
-        run, name, lambda got: specificity_of(got[0], direction, requests, config, steering, got[1]).to_dict(),
+        run, name, lambda got: specificity_of(got[0], direction, requests, config, steering, got[1],
+                                              shuffled).to_dict(),
         work=effect))
 
 
@@ -105,6 +139,7 @@ def run_vla_rdt(
     progress: bool = False,
     log: Callable[[str], None] = print,
     executor: Executor | None = None,
+    shuffled: Tensor | None = None,
 ) -> VLARDTResult:
     """Run (or resume) the VLA study in ``run_dir``: requests, alpha sweep (val + test), alpha
     choice, target-mode sweep, specificity, decoupling, figures.
@@ -114,6 +149,12 @@ def run_vla_rdt(
     directory of another config, model or direction is refused. ``executor`` runs the work
     (default: :class:`LocalExecutor` in this process, logging to ``log``); a run started with
     one executor can be resumed with another.
+
+    ``shuffled`` (``[N, d]``, ``N >= 19``, e.g.
+    :func:`~rdt_interp.analysis.specificity.label_shuffled_directions` of the chat activations
+    the direction came from; ``None``: off) adds the label-shuffled null to the specificity
+    step (``shuffled_p`` beside the random-direction ``p``, which does not change). With
+    ``config.n_shuffled > 0`` it is required, with that many rows.
     """
     if not isinstance(adapter, VLAAdapter):
         raise ConfigError(f"{type(adapter).__name__} is not a VLAAdapter")
@@ -121,8 +162,9 @@ def run_vla_rdt(
     d = as_direction(direction, adapter.d_model)
     layers = steering_layers(adapter, d, config.layers)
     info = direction_info(d)
-    run = ex.open_run(run_dir, run_identity(adapter, d, config))
-    identity = shard_identity(adapter, d, config)
+    shuf = check_shuffled(shuffled, config, adapter.d_model)
+    run = ex.open_run(run_dir, run_identity(adapter, d, config, shuf))
+    identity = shard_identity(adapter, d, config, shuf)
 
     requests = config_requests(adapter, config)
     listed = ex.step(run, "requests", lambda: [r.to_dict() for r in requests])
@@ -155,7 +197,7 @@ def run_vla_rdt(
     spec = None
     if config.specificity:
         spec = specificity_step(ex, run, "specificity", adapter, d, specificity_requests(requests, config), config,
-                                alpha, identity=identity)
+                                alpha, identity=identity, shuffled=shuf)
     dec = None
     if config.decoupling:
         dec = DecouplingResult.from_dict(ex.step(run, "decoupling", lambda: decoupling(
@@ -175,4 +217,4 @@ def run_vla_rdt(
     return result
 
 
-__all__ = ["conditions_step", "run_identity", "run_vla_rdt", "shard_identity", "specificity_step"]
+__all__ = ["check_shuffled", "conditions_step", "run_identity", "run_vla_rdt", "shard_identity", "specificity_step"]

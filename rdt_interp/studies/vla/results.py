@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rdt_interp.analysis.behaviour import ActionMetrics, BinShift
+from rdt_interp.analysis.layer_pick import LayerPick
 from rdt_interp.analysis.probe_grid import ProbeGrid
 from rdt_interp.analysis.specificity import SpecificityResult
 from rdt_interp.errors import ConfigError
@@ -103,12 +104,19 @@ class SweepResult:
 @dataclass(frozen=True, eq=False)
 class DecouplingResult:
     """Harmful vs benign separability per (layer, role): the probe grid, and its cells at the
-    steering ``layer`` (``at_layer``). Positives are the harmful requests."""
+    steering ``layer`` (``at_layer``). Positives are the harmful requests.
+
+    ``peaks`` maps a role to the layer where the projection AUC along ``r`` is furthest from
+    0.5, with its p-value Holm-adjusted over the grid's layers
+    (:func:`~rdt_interp.analysis.layer_pick.grid_peaks`); empty for results written before
+    peaks were reported.
+    """
 
     grid: ProbeGrid
     roles: tuple[str, ...]
     layer: int
     direction: Mapping[str, Any] = field(default_factory=dict)
+    peaks: Mapping[str, LayerPick] = field(default_factory=dict)
 
     def at_layer(self, layer: int | None = None) -> dict[str, dict[str, tuple[float, float, float]]]:
         """Per role: ``proj_auc``, ``proj_d``, ``probe_auc`` as ``(value, low, high)``."""
@@ -120,12 +128,16 @@ class DecouplingResult:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "DecouplingResult", "grid": self.grid.to_dict(), "roles": list(self.roles),
-                "layer": self.layer, "direction": dict(self.direction)}
+        out = {"kind": "DecouplingResult", "grid": self.grid.to_dict(), "roles": list(self.roles),
+               "layer": self.layer, "direction": dict(self.direction)}
+        if self.peaks:  # absent, as in results written before peaks were reported
+            out["peaks"] = {role: pk.to_dict() for role, pk in self.peaks.items()}
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DecouplingResult:
-        return cls(ProbeGrid.from_dict(d["grid"]), tuple(d["roles"]), int(d["layer"]), dict(d.get("direction", {})))
+        return cls(ProbeGrid.from_dict(d["grid"]), tuple(d["roles"]), int(d["layer"]), dict(d.get("direction", {})),
+                   {role: LayerPick.from_dict(pk) for role, pk in d.get("peaks", {}).items()})
 
 
 
@@ -174,9 +186,17 @@ class VLARDTResult:
             s = self.specificity
             out["specificity"] = {"real": s.real, "p": s.p, "z": s.z, "null_mean": s.null_mean,
                                   "n_random": s.n_random, "-r": s.controls.get("-r", {}).get("effect")}
+            if s.shuffled_null is not None:  # the label-shuffled null, beside the random-direction p
+                out["specificity"].update({"shuffled_p": s.shuffled_p, "shuffled_z": s.shuffled_z,
+                                           "n_shuffled": s.n_shuffled})
         if self.decoupling is not None:
             out["decoupling"] = {role: {k: round(v[0], 4) for k, v in cell.items()}
                                  for role, cell in self.decoupling.at_layer().items()}
+            if self.decoupling.peaks:
+                out["decoupling_peaks"] = {
+                    role: {"layer": pk.layer, "proj_auc_distance": round(pk.score, 4), "p": pk.p,
+                           "p_holm": pk.p_adjusted, "significant": pk.significant}
+                    for role, pk in self.decoupling.peaks.items()}
         return out
 
 

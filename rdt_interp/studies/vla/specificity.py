@@ -162,11 +162,16 @@ class SteeringEffect:
 
 
 
-def specificity_kwargs(direction: Direction, config: VLARDTConfig) -> dict[str, Any]:
-    """The arguments of :func:`~rdt_interp.analysis.specificity.specificity_test` a study uses."""
-    return {"n_random": config.n_random, "batch_size": max(config.n_random, 1), "controls": {"-r": -direction.vector},
-            "alternative": "two-sided" if config.specificity_metric == "mean_bin" else "greater",
-            "n_boot": config.n_boot, "seed": config.seed}
+def specificity_kwargs(direction: Direction, config: VLARDTConfig,
+                       shuffled: Float[Tensor, "n_shuffled d"] | None = None) -> dict[str, Any]:
+    """The arguments of :func:`~rdt_interp.analysis.specificity.specificity_test` a study uses
+    (``shuffled``: label-shuffled directions for the second null, or ``None``: off)."""
+    out = {"n_random": config.n_random, "batch_size": max(config.n_random, 1), "controls": {"-r": -direction.vector},
+           "alternative": "two-sided" if config.specificity_metric == "mean_bin" else "greater",
+           "n_boot": config.n_boot, "seed": config.seed}
+    if shuffled is not None:
+        out["shuffled"] = shuffled
+    return out
 
 
 def specificity_effect(adapter: VLAAdapter, config: VLARDTConfig, steering: SteeringSpec
@@ -181,11 +186,12 @@ def specificity_effect(adapter: VLAAdapter, config: VLARDTConfig, steering: Stee
 
 
 def specificity_of(effect: Any, direction: Direction, requests: Sequence[LabeledRequest | VLARequest],
-                   config: VLARDTConfig, steering: SteeringSpec, t0: float) -> SpecificityResult:
+                   config: VLARDTConfig, steering: SteeringSpec, t0: float,
+                   shuffled: Float[Tensor, "n_shuffled d"] | None = None) -> SpecificityResult:
     """The specificity test over ``effect`` (a :class:`SteeringEffect`, or the same values merged
-    from shards), with the study's meta data."""
+    from shards), with the study's meta data; ``shuffled`` adds the label-shuffled null."""
     labels = [getattr(r, "label", "unknown") for r in requests]
-    res = specificity_test(effect, direction.vector, **specificity_kwargs(direction, config),
+    res = specificity_test(effect, direction.vector, **specificity_kwargs(direction, config, shuffled),
                            effect_name=effect.name, meta={
                                "mode": steering.mode, "alpha": float(steering.alpha),
                                "layers": list(steering.layers), "metric": config.specificity_metric,
@@ -203,14 +209,18 @@ def direction_specificity(
     requests: Sequence[LabeledRequest | VLARequest],
     config: VLARDTConfig,
     alpha: float,
+    *,
+    shuffled: Float[Tensor, "n_shuffled d"] | None = None,
 ) -> SpecificityResult:
     """``config.specificity_metric`` after steering with ``r`` (mode ``config.specificity_mode``,
-    at ``alpha``) against ``config.n_random`` random directions of the same norm, and ``-r``."""
+    at ``alpha``) against ``config.n_random`` random directions of the same norm, and ``-r``;
+    with ``shuffled`` (``[N, d]`` label-shuffled directions, N >= 19) also against those,
+    rescaled to ``r``'s norm (``shuffled_p`` beside ``p``)."""
     d = as_direction(direction, adapter.d_model)
     steering = config.steering(config.specificity_mode, alpha, steering_layers(adapter, d, config.layers))
     t0 = time.perf_counter()
     effect = specificity_effect(adapter, config, steering)(requests)
-    return specificity_of(effect, d, requests, config, steering, t0)
+    return specificity_of(effect, d, requests, config, steering, t0, shuffled)
 
 
 __all__ = ["SteeringEffect", "direction_specificity", "effect_name", "specificity_effect", "specificity_kwargs", "specificity_of"]

@@ -190,6 +190,8 @@ def test_run_resumes_and_refuses_another_config(vla, tmp_path):
     assert res.n_requests == {"val/harmful": 1, "val/benign": 1, "test/harmful": 1, "test/benign": 1}
     summary = res.summary()
     assert {"action@2/harmful", "text+action@2/benign", "specificity", "decoupling"} <= set(summary)
+    assert set(summary["decoupling_peaks"]) == set(res.decoupling.roles)
+    assert all(v["p_holm"] >= v["p"] for v in summary["decoupling_peaks"].values())
     assert all(m.startswith("[run]") for m in logs)
     logs.clear()
     again = run_vla_rdt(vla, d, cfg, tmp_path / "run", log=logs.append)
