@@ -20,6 +20,7 @@ therefore returns what the single-process study returns, and writes the same run
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ from rdt_interp.studies.rundir import RunDir, _roundtrip
 from rdt_interp.studies.store import ActionSet, PredictionStore
 from rdt_interp.studies.vla.requests import LabeledRequest
 from rdt_interp.tracing.vla import direction_chunks
+
+logger = logging.getLogger(__name__)  # messages; the CLI configures the handler and level
 
 Say = Callable[[str], None]
 
@@ -138,7 +141,7 @@ class ShardedExecutor:
     {'x': 42}
     """
 
-    def __init__(self, ctx: DistContext, *, log: Say | None = print) -> None:
+    def __init__(self, ctx: DistContext, *, log: Say | None = logger.info) -> None:
         self.ctx = ctx
         self._log = log if ctx.is_main else None
 

@@ -10,6 +10,7 @@ single-process study's (up to the wall-clock fields ``seconds``/``timings`` and 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from rdt_interp.studies.vla import (
 )
 from rdt_interp.studies.vla.pipeline import conditions_step, specificity_step
 
+logger = logging.getLogger(__name__)  # messages; the CLI configures the handler and level
+
 Say = Callable[[str], None]
 
 
@@ -43,7 +46,7 @@ def run_vla_rdt_distributed(
     run_dir: str | Path,
     *,
     progress: bool = False,
-    log: Say = print,
+    log: Say = logger.info,
     shuffled: Tensor | None = None,
 ) -> VLARDTResult:
     """``run_vla_rdt`` on every rank of ``ctx`` (each with its own copy of the model): the

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 import time
@@ -31,6 +32,8 @@ from rdt_interp.distributed.jobs import Job, build_direction, build_model, load_
 from rdt_interp.errors import ConfigError, DModelMismatchError, RdtError
 from rdt_interp.storage import atomic_write_json
 from rdt_interp.studies.rundir import RunDir
+
+logger = logging.getLogger(__name__)  # messages; the CLI configures the handler and level
 
 Say = Callable[[str], None]
 
@@ -169,7 +172,7 @@ TASK_FNS: dict[str, Callable[[DistContext, Any, Job, Path, Say], dict[str, Any]]
     "vla_rdt": task_vla_rdt, "sweep": task_sweep, "specificity": task_specificity, "capture": task_capture}
 
 
-def run_job(ctx: DistContext, job: Job, run_dir: str | Path, *, log: Say = print) -> dict[str, Any]:
+def run_job(ctx: DistContext, job: Job, run_dir: str | Path, *, log: Say = logger.info) -> dict[str, Any]:
     """Every task of ``job`` on this rank, in ``run_dir/<task>``; rank 0 writes ``run_dir/worker.json``."""
     say = log if ctx.is_main else _quiet
     root = Path(run_dir)
@@ -192,7 +195,7 @@ def run_job(ctx: DistContext, job: Job, run_dir: str | Path, *, log: Say = print
     return results
 
 
-def run_study_distributed(ctx: DistContext, config: str | Path, run_dir: str | Path, *, log: Say = print,
+def run_study_distributed(ctx: DistContext, config: str | Path, run_dir: str | Path, *, log: Say = logger.info,
                           progress: bool = False) -> dict[str, Any] | None:
     """``rdt-interp run CONFIG`` over the ranks of ``ctx``, in the same run directory.
 

@@ -29,7 +29,6 @@ from functools import partial
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from rdt_interp.errors import ConfigError
@@ -37,10 +36,10 @@ from rdt_interp.fast.decoder import (
     DecoderStack,
     greedy,
 )
+from rdt_interp.fast.inputs import PromptInputs
 from rdt_interp.fast.kernels import Kernels, dynamo_limits, stream_ctx
 from rdt_interp.fast.steering import SteeringBuffers, SteeringLayout
 from rdt_interp.models.adapter import EncodedBatch, ModelAdapter
-from rdt_interp.models.openvla.modeling import MultimodalLayout
 from rdt_interp.models.vla import ActionPrediction, VLAAdapter
 from rdt_interp.roles import Role
 from rdt_interp.tracing.generation import Generation
@@ -181,27 +180,8 @@ class FastGenerator:
         self.v_cache = [torch.zeros(kv_shape, dtype=dt, device=dev) for _ in range(spec.n_layers)]
         self.cos, self.sin = self.stack.rope_tables(c)
         long = partial(torch.zeros, dtype=torch.long, device=dev)
-        # prefill inputs
-        self.pos_pre = long(bm, pm)
-        self.prefix_valid = torch.zeros(bm, pm, dtype=torch.bool, device=dev)
-        self.roles_pre = long(bm, pm)  # read by steered prefill steps only
-        # their host-side staging: padded in place, one asynchronous copy up (pinned on CUDA); the
-        # event says when the previous copy has read it, so it is never overwritten too early
-        self._roles_host = torch.zeros(bm, pm, dtype=torch.long)
-        self._roles_copied: Any = None
-        self._roles_last: tuple[tuple[int, int, int], Tensor] | None = None
-        if dev.type == "cuda":
-            self._roles_host = self._roles_host.pin_memory()
-        self._causal = torch.ones(pm, pm, dtype=torch.bool, device=dev).tril()
-        self._eye = torch.eye(pm, dtype=torch.bool, device=dev)
-        if self.multimodal:
-            self.text_ids = long(bm, pm - self.n_patches)
-            self.text_index = long(bm, pm)
-            self.patch_index = long(bm, pm)
-            self.is_patch = torch.zeros(bm, pm, dtype=torch.bool, device=dev)
-            self.pixels = torch.zeros(bm, *self.adapter.pixel_shape, dtype=dt, device=dev)
-        else:
-            self.ids = long(bm, pm)
+        self.inputs = PromptInputs(self.adapter, max_batch=bm, max_len=pm, n_patches=self.n_patches,
+                                   multimodal=self.multimodal, dtype=dt, device=dev)
         # decode state: advanced by the decode step itself
         self.tok = long(bm, 1)
         self.pos_dec = long(bm, 1)
@@ -336,14 +316,14 @@ class FastGenerator:
                               fix=f"build the FastGenerator with max_prompt_len >= {s}")
         length = min(_round_up(s, self.bucket), self.max_prompt_len)
         pad = length - s
-        self._stage(batch, b, length, pad)
+        self.inputs.stage(batch, b, length, pad)
         steer = self._steering.get(layout.key)
         if steer is None:
             steer = SteeringBuffers(layout, max_batch=self.max_batch, max_len=self.max_prompt_len,
                                     d_model=self.stack.spec.d_model, dtype=self.dtype, device=self.device)
             self._steering[layout.key] = steer
         if layout.prefill:
-            self._stage_roles(batch.roles, b, length, pad)
+            self.inputs.stage_roles(batch.roles, b, length, pad)
         if layout.decode or layout.prefill:
             steer.fill(ivs, b, layout)
         n_allowed = None
@@ -373,88 +353,21 @@ class FastGenerator:
         return Generation(tokens=tokens, finished=torch.zeros(b, dtype=torch.bool, device=self.device),
                           logits=logits)
 
-    def _stage_roles(self, roles: Tensor, b: int, length: int, pad: int) -> None:
-        """Copy the batch's roles (host) into the static prefill roles, left-padded with PAD;
-        nothing to do when they equal the last ones staged (a control loop's repeated prompt)."""
-        roles = roles.cpu()  # EncodedBatch keeps them on the host; a no-op then
-        last = self._roles_last
-        if last is not None and last[0] == (b, length, pad) and torch.equal(last[1], roles):
-            return
-        self._roles_last = ((b, length, pad), roles.clone())
-        if self._roles_copied is not None:
-            self._roles_copied.synchronize()
-        host = self._roles_host[:b, :length]
-        host[:, :pad].fill_(int(Role.PAD))
-        host[:, pad:].copy_(roles)
-        self.roles_pre[:b, :length].copy_(host, non_blocking=True)
-        if self.device.type == "cuda":
-            self._roles_copied = torch.cuda.Event()
-            self._roles_copied.record()
-
-    def _stage(self, batch: EncodedBatch, b: int, length: int, pad: int) -> None:
-        """Copy a batch into the static prefill inputs, left-padded by ``pad`` to ``length``."""
-        dev = self.device
-        mask = batch.attention_mask.to(dev)
-        self.prefix_valid[:b, :length].copy_(F.pad(mask, (pad, 0)).bool())
-        self.pos_pre[:b, :length].copy_(F.pad(batch.position_ids.to(dev), (pad, 0)))
-        if not self.multimodal:
-            ids = batch.inputs["input_ids"].to(dev)
-            if ids.shape != mask.shape:
-                raise ConfigError(f"input_ids {tuple(ids.shape)} and the attention mask {tuple(mask.shape)} differ")
-            self.ids[:b, :length].copy_(F.pad(ids, (pad, 0)))
-            return
-        ids = batch.inputs["input_ids"].to(dev)
-        text_mask = batch.inputs["attention_mask"].to(dev)
-        pixels = batch.inputs.get("pixel_values")
-        if pixels is None:
-            raise ConfigError("an OpenVLA batch needs pixel_values", fix="encode requests with the adapter")
-        if ids.shape != text_mask.shape or ids.shape[1] + self.n_patches != batch.seq_len:
-            raise ConfigError(f"text ids {tuple(ids.shape)}, text mask {tuple(text_mask.shape)} and "
-                              f"{batch.seq_len} decoder positions do not fit {self.n_patches} patches",
-                              fix="encode requests with OpenVLAAdapter.encode / encode_tokens")
-        if tuple(pixels.shape[1:]) != tuple(self.pixels.shape[1:]):
-            raise ConfigError(f"pixel_values {tuple(pixels.shape)} do not match the model's "
-                              f"{tuple(self.pixels.shape[1:])}", fix="use the adapter's image processor")
-        text_len = length - self.n_patches
-        ids_p = F.pad(ids, (pad, 0))
-        layout = MultimodalLayout.of(F.pad(text_mask, (pad, 0)), self.n_patches)
-        self.text_ids[:b, :text_len].copy_(ids_p)
-        self.text_index[:b, :length].copy_(layout.text_index)
-        self.patch_index[:b, :length].copy_(layout.patch_index)
-        self.is_patch[:b, :length].copy_(layout.is_patch)
-        self.pixels[:b].copy_(pixels)
-
     # -- steps ---------------------------------------------------------------------------------
-    def _embed_prefill(self, b: int, length: int) -> Callable[[], Tensor]:
-        emb = self.stack.embedding
-        if not self.multimodal:
-            ids = self.ids[:b, :length]
-            return lambda: emb(ids)
-        model = self.adapter.model
-        text_ids = self.text_ids[:b, :length - self.n_patches]
-        layout = MultimodalLayout(self.text_index[:b, :length], self.patch_index[:b, :length],
-                                  self.is_patch[:b, :length])
-        pixels = self.pixels[:b]
-
-        def embed() -> Tensor:
-            _, projected = model.image_features(pixels)
-            return layout.merge(emb(text_ids), projected)
-
-        return embed
-
     def _site_lists(self, sites: dict[tuple[int, Site], list[Any]]) -> list[tuple[tuple, tuple, tuple, tuple]]:
         return [tuple(tuple(sites.get((layer, s), ())) for s in Site) for layer in range(self.stack.spec.n_layers)]
 
     def _make_prefill(self, b: int, length: int, steer: SteeringBuffers, opts: tuple) -> Callable[[], None]:
         return_logits, n_allowed = opts
-        roles = self.roles_pre[:b, :length]
-        embed = self._embed_prefill(b, length)
+        inputs = self.inputs
+        roles = inputs.roles[:b, :length]
+        embed = inputs.embed(self.stack.embedding, b, length)
         kc = [k[:b] for k in self.k_cache]
         vc = [v[:b] for v in self.v_cache]
-        pos = self.pos_pre[:b, :length]
-        valid = self.prefix_valid[:b, :length]
+        pos = inputs.positions[:b, :length]
+        valid = inputs.valid[:b, :length]
         key_valid = self.key_valid[:b]
-        causal, eye = self._causal[:length, :length], self._eye[:length, :length]
+        causal, eye = inputs.causal[:length, :length], inputs.eye[:length, :length]
         allowed = self._allowed[n_allowed] if n_allowed is not None else None
         stack, out_tokens = self.stack, self.out_tokens[:b]
         out_logits = self.out_logits[:b] if return_logits and self.out_logits is not None else None

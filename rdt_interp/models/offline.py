@@ -151,7 +151,7 @@ def _build(spec: GGUFModel, target: Path, *, progress: bool = True) -> Path:
                 with open(p, "rb") as fh:
                     shutil.copyfileobj(fh, out, 1 << 22)
         if progress:
-            print(f"[rdt-interp] dequantizing {spec.name} (one time, ~40 s on 2 cores)…", flush=True)
+            log.info("dequantizing %s (one time, ~40 s on 2 cores)…", spec.name)
         tok = AutoTokenizer.from_pretrained(work, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name, dtype=torch.float32)
         gguf.unlink()

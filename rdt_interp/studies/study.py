@@ -14,6 +14,7 @@ Every step is cached, so a killed run continues where it stopped.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,8 @@ from rdt_interp.directions.direction import Direction
 from rdt_interp.errors import ConfigError, DModelMismatchError
 from rdt_interp.studies.config import StudyConfig, VLAModelSpec
 from rdt_interp.studies.rundir import RunDir
+
+logger = logging.getLogger(__name__)  # messages; the CLI configures the handler and level
 
 
 def check_models(cfg: StudyConfig, *, chat: bool = True, vla: bool = True) -> None:
@@ -90,7 +93,7 @@ def run_study(
     run_dir: str | Path,
     *,
     progress: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = logger.info,
     chat_model: Any = None,
     vla: Any = None,
 ) -> dict[str, Any]:

@@ -12,6 +12,7 @@ filtered. Every step is cached in the run directory
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from dataclasses import asdict
@@ -36,6 +37,8 @@ from rdt_interp.studies.chat.config import ChatRefusalConfig
 from rdt_interp.studies.rundir import RunDir
 from rdt_interp.tracing.generation import complete
 from rdt_interp.tracing.interventions import AblateDirection, AddDirection
+
+logger = logging.getLogger(__name__)  # messages; the CLI configures the handler and level
 
 
 def _n_val(cfg: ChatRefusalConfig) -> int:
@@ -101,14 +104,14 @@ def chat_splits(model: ChatModel, cfg: ChatRefusalConfig, run: RunDir) -> dict[s
             "harmless_test": load_split("harmless_test").take(cfg.n_test, seed=s).instructions}
 
 
-def chat_run_dir(run_dir: str | Path, cfg: ChatRefusalConfig, *, log=print) -> RunDir:
+def chat_run_dir(run_dir: str | Path, cfg: ChatRefusalConfig, *, log: Callable[[str], None] = logger.info) -> RunDir:
     """The chat study's run directory (its config is the study's chat section)."""
     return RunDir(run_dir, {"experiment": "chat_refusal", **cfg.to_dict()}, log=log)
 
 
 def run_chat_refusal(
     model: ChatModel, cfg: ChatRefusalConfig, run_dir: str | Path, *, progress: bool = True,
-    log=print,
+    log: Callable[[str], None] = logger.info,
 ) -> dict[str, Any]:
     """Run (or resume) the whole chat-side study in ``run_dir``; returns the summary dict."""
     t_start = time.perf_counter()

@@ -30,6 +30,7 @@ be added to a finished run directory, which then runs only the closed-loop steps
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -64,6 +65,8 @@ from rdt_interp.studies.vla.predict import as_direction, predict, steering_layer
 from rdt_interp.studies.vla.requests import LabeledRequest, load_requests, vla_image_size
 from rdt_interp.studies.vla.sweeps import condition_metrics
 from rdt_interp.tracing.interventions import Intervention
+
+logger = logging.getLogger(__name__)  # messages; the CLI configures the handler and level
 
 MOTION_DIMS = (0, 1, 2, 3, 4, 5)
 
@@ -208,7 +211,7 @@ def run_defenses(
     subspace: SafetySubspace | None = None,
     chat_probe: LinearProbe | None = None,
     progress: bool = False,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = logger.info,
 ) -> DefensesResult:
     """Run (or resume) the defense comparison in ``run_dir``.
 

@@ -10,6 +10,7 @@ alpha, picks the specificity pairs and computes every metric.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -45,6 +46,8 @@ from rdt_interp.studies.vla.specificity import (
     specificity_of,
 )
 from rdt_interp.studies.vla.sweeps import choose_alpha, predict_conditions, sweep_metrics
+
+logger = logging.getLogger(__name__)  # messages; the CLI configures the handler and level
 
 
 def _shuffled_info(shuffled: Tensor | None) -> dict[str, Any]:
@@ -137,7 +140,7 @@ def run_vla_rdt(
     run_dir: str | Path,
     *,
     progress: bool = False,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = logger.info,
     executor: Executor | None = None,
     shuffled: Tensor | None = None,
 ) -> VLARDTResult:
