@@ -371,19 +371,11 @@ def holm(p: Float[Array, "*k"] | Sequence[float]) -> Float[Tensor, "*k"]:
     >>> holm([0.01, 0.04, 0.03, 0.5]).tolist()
     [0.04, 0.09, 0.09, 0.5]
     """
-    t = _p_values(p)
-    flat = t.reshape(-1)
-    ok = ~torch.isnan(flat)
-    q = flat[ok]
-    m = q.numel()
-    order = q.argsort(stable=True)
-    scaled = (m - torch.arange(m, dtype=torch.float64)) * q[order]
-    adj_sorted = torch.cummax(scaled, dim=0).values.clamp(max=1.0)
-    adj = torch.empty_like(q)
-    adj[order] = adj_sorted
-    out = torch.full_like(flat, float("nan"))
-    out[ok] = adj
-    return out.reshape(t.shape)
+    def step_down(ps: Tensor) -> Tensor:  # sorted ascending; running max of (m - i) p_(i)
+        m = ps.numel()
+        return torch.cummax((m - torch.arange(m, dtype=torch.float64)) * ps, dim=0).values
+
+    return _adjust_sorted(p, step_down)
 
 
 def benjamini_hochberg(p: Float[Array, "*k"] | Sequence[float]) -> Float[Tensor, "*k"]:
@@ -414,16 +406,24 @@ def benjamini_hochberg(p: Float[Array, "*k"] | Sequence[float]) -> Float[Tensor,
     >>> [round(v, 4) for v in benjamini_hochberg([0.01, 0.04, 0.03, 0.5]).tolist()]
     [0.04, 0.0533, 0.0533, 0.5]
     """
+    def step_up(ps: Tensor) -> Tensor:  # sorted ascending; running min from the top of m p_(i) / i
+        m = ps.numel()
+        scaled = ps * m / torch.arange(1, m + 1, dtype=torch.float64)
+        return torch.flip(torch.cummin(torch.flip(scaled, (0,)), dim=0).values, (0,))
+
+    return _adjust_sorted(p, step_up)
+
+
+def _adjust_sorted(p: Float[Array, "*k"] | Sequence[float], rule: Callable[[Tensor], Tensor]) -> Tensor:
+    """Multiple-comparison adjustment: ``rule`` maps the ascending non-NaN p-values to their
+    adjusted values (capped at 1 here); NaN entries stay NaN and are not in the family."""
     t = _p_values(p)
     flat = t.reshape(-1)
     ok = ~torch.isnan(flat)
     q = flat[ok]
-    m = q.numel()
     order = q.argsort(stable=True)
-    scaled = q[order] * m / torch.arange(1, m + 1, dtype=torch.float64)
-    adj_sorted = torch.flip(torch.cummin(torch.flip(scaled, (0,)), dim=0).values, (0,)).clamp(max=1.0)
     adj = torch.empty_like(q)
-    adj[order] = adj_sorted
+    adj[order] = rule(q[order]).clamp(max=1.0)
     out = torch.full_like(flat, float("nan"))
     out[ok] = adj
     return out.reshape(t.shape)
