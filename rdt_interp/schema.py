@@ -10,6 +10,7 @@ problem is one :class:`~rdt_interp.errors.ConfigError` that names each offending
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from functools import cache
@@ -26,6 +27,16 @@ def strict_schema(*classes: type) -> None:
     """Reject unknown keys at every level of these dataclasses when they are validated."""
     for cls in classes:
         cls.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[attr-defined]
+
+
+def from_stored(cls: type[T], d: Mapping[str, Any], *, ignore: tuple[str, ...] = ("experiment",)) -> T:
+    """A config dataclass back from its ``asdict`` form in a stored result (JSON lists become
+    tuples); a key the dataclass does not have is an error, except the ``ignore``d ones."""
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(d) - known - set(ignore))
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} fields {unknown}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
 
 
 @cache

@@ -10,6 +10,7 @@ from typing import Any
 
 from rdt_interp.defenses.prompting import DEFAULT_DEFENSE_TEXT, POSITIONS, DefensivePrompt
 from rdt_interp.errors import ConfigError
+from rdt_interp.schema import from_stored
 from rdt_interp.studies.steering import SteeringSpec
 from rdt_interp.studies.vla.config import VLARDTConfig
 
@@ -114,11 +115,7 @@ class DefensesConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DefensesConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known - {"experiment"})
-        if unknown:
-            raise ConfigError(f"unknown DefensesConfig fields {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
+        return from_stored(cls, d)
 
     def steering(self, defense: str, alpha: float, layers: Sequence[int]) -> SteeringSpec:
         """The :class:`SteeringSpec` of a steered defense (``rdt``: RDT; ``rdt+`` and

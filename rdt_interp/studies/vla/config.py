@@ -10,6 +10,7 @@ from typing import Any
 
 from rdt_interp.analysis.specificity import MIN_SHUFFLED
 from rdt_interp.errors import ConfigError
+from rdt_interp.schema import from_stored
 from rdt_interp.studies.steering import SteeringSpec
 from rdt_interp.tracing.interventions import TARGET_MODES
 
@@ -130,11 +131,7 @@ class VLARDTConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> VLARDTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known - {"experiment"})
-        if unknown:
-            raise ConfigError(f"unknown VLARDTConfig fields {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
+        return from_stored(cls, d)
 
 
 
