@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from jaxtyping import Int
@@ -127,8 +127,11 @@ class SteeringBuffers:
         self.role_bits = [long0() for _ in layout.prefill]  # positions carrying any of these flags
         self.pad_bits = [long0() for _ in layout.prefill]  # ... and none of these (PAD, unless asked)
         self.decode_add = [torch.zeros(max_batch, 1, d_model, dtype=dtype, device=device) for _ in layout.decode]
-        # what the buffers hold now: (tensor kept alive, pointer, version) / alpha / role flags
-        self._held: list[Any] = [None] * (2 * len(slots) + len(layout.prefill))
+        # what the buffers hold now, per slot: (direction kept alive, its pointer, its version),
+        # the scalar alpha (None after a per-row one), and per prefill slot the role flags
+        self._held_vec: list[tuple[Tensor, int, int] | None] = [None] * len(slots)
+        self._held_alpha: list[float | None] = [None] * len(slots)
+        self._held_role: list[int | None] = [None] * len(layout.prefill)
 
     # -- host side: values -------------------------------------------------------------------------
     @torch.no_grad()
@@ -147,36 +150,36 @@ class SteeringBuffers:
             raise ConfigError("the interventions' layout differs from the buffers'")
         if rows > self.max_batch:
             raise ConfigError(f"batch of {rows} rows exceeds the buffers ({self.max_batch})")
-        n_slots = len(self.vec)
         for i, slot in enumerate(lay.decode + lay.prefill):
             iv = interventions[slot.index]
             self._set_vector(i, iv.direction)
-            self._set_alpha(n_slots + i, self.alpha[i], iv.alpha, rows)
+            self._set_alpha(i, iv.alpha, rows)
         for j, slot in enumerate(lay.prefill):
-            role = interventions[slot.index].roles
-            if self._held[2 * n_slots + j] != int(role):
-                self.role_bits[j].fill_(int(role))
+            role = int(interventions[slot.index].roles)
+            if self._held_role[j] != role:
+                self.role_bits[j].fill_(role)
                 self.pad_bits[j].fill_(0 if role & Role.PAD else int(Role.PAD))
-                self._held[2 * n_slots + j] = int(role)
+                self._held_role[j] = role
 
     def _set_vector(self, i: int, direction: Tensor) -> None:
-        key = (direction, direction.data_ptr(), direction._version, direction.device)
-        held = self._held[i]
-        if held is not None and held[0] is direction and held[1:] == key[1:]:
+        held = self._held_vec[i]
+        if (held is not None and held[0] is direction and held[1] == direction.data_ptr()
+                and held[2] == direction._version):
             return
         self.vec[i].copy_(direction)  # the dtype cast rounds as direction.to(dtype) does
-        self._held[i] = key  # holding the tensor keeps its storage (and pointer) from being reused
+        # holding the tensor keeps its storage (and pointer) from being reused by another one
+        self._held_vec[i] = (direction, direction.data_ptr(), direction._version)
 
-    def _set_alpha(self, k: int, buf: Tensor, alpha: float | Tensor, rows: int) -> None:
+    def _set_alpha(self, i: int, alpha: float | Tensor, rows: int) -> None:
         if isinstance(alpha, Tensor):
             if alpha.ndim != 1 or alpha.shape[0] != rows:
                 raise ConfigError(f"per-row alpha has shape {tuple(alpha.shape)}, batch has {rows} rows")
-            buf[:rows].copy_(alpha.to(self.dtype))  # rounded as apply() rounds it
-            self._held[k] = None
+            self.alpha[i][:rows].copy_(alpha.to(self.dtype))  # rounded as apply() rounds it
+            self._held_alpha[i] = None
             return
-        if self._held[k] != ("scalar", float(alpha)):
-            buf.fill_(float(alpha))
-            self._held[k] = ("scalar", float(alpha))
+        if self._held_alpha[i] != float(alpha):
+            self.alpha[i].fill_(float(alpha))
+            self._held_alpha[i] = float(alpha)
 
     # -- device side: inside the captured steps ------------------------------------------------------
     def compute(

@@ -175,8 +175,9 @@ class AddDirection:
             if len(cache) > 8:
                 cache.clear()
             hit = self.direction.to(device=device, dtype=dtype)
-            if alpha is not None:  # alpha_scale over a mask of ones, times r
-                hit = torch.tensor(alpha, dtype=torch.float32).to(device=device, dtype=dtype) * hit
+            if alpha is not None:  # the scale of a one-position mask, times r
+                one = torch.ones(1, 1, dtype=torch.bool, device=device)
+                hit = alpha_scale(alpha, one, dtype, device)[0, 0] * hit
             cache[key] = hit
         return hit
 
