@@ -42,29 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _common import write_json  # noqa: E402
-from bench_fast_path import copy_bandwidth, floor_model, fp32_graph_check  # noqa: E402
+from bench_fast_path import T0, copy_bandwidth, floor_model, fp32_graph_check, log, timed  # noqa: E402
 from bench_openvla import TINY_TEXT, TINY_VISION, instructions, word_tokenizer  # noqa: E402
 
 from rdt_interp.fast import FastGenerator  # noqa: E402
 from rdt_interp.models.openvla import build_random_openvla, openvla_7b_config  # noqa: E402
 from rdt_interp.models.vla import VLARequest  # noqa: E402
 from rdt_interp.tracing import generate, rdt, rdt_plus  # noqa: E402
-
-T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def timed(fn: Callable[[], Any], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
 
 
 def shuffled_rounds(fns: dict[str, Callable[[], Any]], device: torch.device, *, rounds: int, warmup: int,
@@ -78,7 +62,7 @@ def shuffled_rounds(fns: dict[str, Callable[[], Any]], device: torch.device, *, 
     times: dict[str, list[float]] = {k: [] for k in names}
     for _ in range(rounds):
         for i in rng.permutation(len(names)):
-            times[names[i]].append(timed(fns[names[i]], device))
+            times[names[i]].append(timed(fns[names[i]], device)[0])
     return times
 
 
@@ -143,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for b in batches:
             for tag, ivs in steer.items():
                 first_call[f"{name}{tag} b={b}"] = timed(lambda g=g, b=b, ivs=ivs: g.generate(encoded[b], interventions=ivs),
-                                                         device)
+                                                         device)[0]
         log(f"{name}: steps built and captured ({g.describe()['compile_mode']})")
 
     results: dict[str, Any] = {"latency_ms": {}, "overhead": {}, "phase_ms": {}, "rounds": {}}

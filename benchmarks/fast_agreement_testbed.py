@@ -36,10 +36,13 @@ from rdt_interp.testbed.dataset import generate_demos  # noqa: E402
 from rdt_interp.tracing import rdt_plus  # noqa: E402
 
 
-def compare(ref: Any, got: Any, token_ids: torch.Tensor) -> dict[str, Any]:
-    a, b = ref.token_ids.cpu(), got.token_ids.cpu()
+def compare(ref: list[Any], got: list[Any], token_ids: torch.Tensor) -> dict[str, Any]:
+    """``ref`` / ``got``: the eager and fast :class:`ActionPrediction` of each batch, in order."""
+    a = torch.cat([p.token_ids.cpu() for p in ref])
+    b = torch.cat([p.token_ids.cpu() for p in got])
     eq = a == b
-    logits = ref.action_logits.float().cpu()  # [n, 7, 256] over the action bins
+    logits = torch.cat([p.action_logits.float().cpu() for p in ref])  # [n, 7, 256] over the action tokens
+    fast_logits = torch.cat([p.action_logits.float().cpu() for p in got])
     first = torch.topk(logits[:, 0], 2, dim=-1).values
     gaps: list[float] = []
     # action_logits are ordered as the action tokenizer's token_ids (OpenVLA maps bins to ids in
@@ -55,7 +58,7 @@ def compare(ref: Any, got: Any, token_ids: torch.Tensor) -> dict[str, Any]:
         "rows_identical": float(eq.all(dim=1).float().mean()),
         "tokens_equal": float(eq.float().mean()),
         "first_tokens_equal": float(eq[:, 0].float().mean()),
-        "max_abs_logit_diff": float((ref.action_logits.float().cpu() - got.action_logits.float().cpu()).abs().max()),
+        "max_abs_logit_diff": float((logits - fast_logits).abs().max()),
         "eager_top2_gap_first_token_median": float((first[:, 0] - first[:, 1]).median()),
         "disagreement_eager_gap_median": statistics.median(gaps) if gaps else None,
         "disagreement_eager_gap_max": max(gaps) if gaps else None,
@@ -96,14 +99,11 @@ def main() -> None:
                            "steering": {"direction": source, "layer": args.layer, "alpha": args.alpha,
                                         "alpha_text": args.alpha_text}}
     for name, ivs in (("unsteered", []), ("rdt+", rdt_plus(r, args.alpha, args.alpha_text, args.layer))):
-        refs, gots = [], []
-        for s in range(0, len(reqs), args.batch_size):
-            chunk = reqs[s:s + args.batch_size]
-            refs.append(vla.predict_actions(chunk, interventions=ivs, return_logits=True))
-            gots.append(fast.predict_actions(chunk, interventions=ivs, return_logits=True))
-        cat = lambda ps: type(ps[0])(*[torch.cat([getattr(p, f).cpu() for p in ps]) if getattr(ps[0], f) is not None  # noqa: E731
-                                        else None for f in ps[0].__dataclass_fields__])
-        out[name] = compare(cat(refs), cat(gots), vla.action_tokenizer.token_ids.cpu())
+        ref = [vla.predict_actions(reqs[i:i + args.batch_size], interventions=ivs, return_logits=True)
+               for i in range(0, len(reqs), args.batch_size)]
+        got = [fast.predict_actions(reqs[i:i + args.batch_size], interventions=ivs, return_logits=True)
+               for i in range(0, len(reqs), args.batch_size)]
+        out[name] = compare(ref, got, vla.action_tokenizer.token_ids.cpu())
         print(name, out[name], flush=True)
     out["fast_path"] = fast.describe()
     out["total_seconds"] = time.perf_counter() - t0

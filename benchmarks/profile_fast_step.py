@@ -8,7 +8,7 @@ per call, and the share spent in matmuls, attention, and everything else (elemen
 copies): the part a fused or better-tuned kernel could recover.
 
     python benchmarks/profile_fast_step.py --out runs/profile.json            # GPU
-    python benchmarks/profile_fast_step.py --tiny --device cpu --out /tmp/p.json
+    python benchmarks/profile_fast_step.py --tiny --device cpu --out runs/smoke/profile.json
 """
 
 from __future__ import annotations
