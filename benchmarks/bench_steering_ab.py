@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--alpha-text", type=float, default=2.0)
     ap.add_argument("--no-eager", action="store_true", help="fast path only")
     ap.add_argument("--autotune", action="store_true", help="also a max-autotune fast generator")
+    ap.add_argument("--library", action="store_true",
+                    help="also a fast generator with the library kernels only (triton_kernels=False)")
+    ap.add_argument("--variants", default="unsteered,RDT,RDT+", help="steering variants timed")
     ap.add_argument("--fp32-check", action="store_true", help="tiny fp32 model: graphs + compile = eager")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -117,11 +120,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     r = torch.randn(vla.d_model, generator=torch.Generator().manual_seed(args.seed + 1))
     r = r / r.norm()
     steer = {"": [], "+RDT": rdt(r, args.alpha_act, layer), "+RDT+": rdt_plus(r, args.alpha_act, args.alpha_text, layer)}
+    wanted = {"unsteered": "", "RDT": "+RDT", "RDT+": "+RDT+"}
+    steer = {wanted[v]: steer[wanted[v]] for v in args.variants.split(",")}
     encoded = {b: vla.encode(requests[:b]) for b in batches}
 
     gens: dict[str, FastGenerator] = {"fast": FastGenerator(vla, max_batch=max(batches))}
     if args.autotune:
         gens["fast-autotune"] = FastGenerator(vla, max_batch=max(batches), autotune=True)
+    if args.library:
+        gens["fast-library"] = FastGenerator(vla, max_batch=max(batches), triton_kernels=False)
     first_call: dict[str, float] = {}
     for name, g in gens.items():
         for b in batches:
@@ -153,13 +160,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "p90": 1e3 * float(np.percentile(ts, 90)), "n": len(ts)}
         bases = (["eager"] if not args.no_eager else []) + list(gens)
         for base in bases:
-            for tag in ("+RDT", "+RDT+", " A/A"):
+            for tag in [t for t in ("+RDT", "+RDT+") if t in steer] + [" A/A"]:
                 results["overhead"][f"{base}{tag} vs {base} b={b}"] = ratio_ci(times, f"{base}{tag}", base,
                                                                                seed=args.seed + b)
-        if "fast-autotune" in gens:
-            results["overhead"][f"fast-autotune vs fast b={b}"] = ratio_ci(times, "fast-autotune", "fast")
+        for other in gens:
+            if other != "fast":
+                results["overhead"][f"{other} vs fast b={b}"] = ratio_ci(times, other, "fast")
         for name, g in gens.items():
-            for tag in ("", "+RDT+"):
+            for tag in [t for t in ("", "+RDT+") if t in steer]:
                 ph = g.step_times(batch, interventions=steer[tag], repeats=10)
                 results["phase_ms"][f"{name}{tag} b={b}"] = {k.removesuffix("_s") + "_ms": 1e3 * v for k, v in ph.items()}
         log("  " + ", ".join(f"{k} {1e3 * statistics.median(ts):.2f}" for k, ts in times.items()))

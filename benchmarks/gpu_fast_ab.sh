@@ -3,12 +3,23 @@
 #   bash benchmarks/gpu_fast_ab.sh OUT ab        shuffled-round A/B with A/A control, eager + fast, b 1 and 32
 #   bash benchmarks/gpu_fast_ab.sh OUT autotune  fast vs fast with a max-autotune decode step + kernel profile
 #   bash benchmarks/gpu_fast_ab.sh OUT final     fast and fast-autotune only, 300 rounds at batch 1, 60 at 32
+#   bash benchmarks/gpu_fast_ab.sh OUT kernels   decode/prefill kernel microbenchmarks + hooks-vs-nnsight diagnosis
+#   bash benchmarks/gpu_fast_ab.sh OUT diagnose  the diagnosis under each suspected cause + the GEMV tile sweep
+#   bash benchmarks/gpu_fast_ab.sh OUT triton    fast (Triton GEMV) vs fast-library, b 1 and 32; repeatability checks
+#   bash benchmarks/gpu_fast_ab.sh OUT final2    the same A/B, shorter, and the fast path's batch-32 repeatability
+# The nnsight diagnosis needs nnsight's wheels and the ones the device image lacks in .whl/ (carry it):
+#   greenlet pydantic pydantic_core annotated-types typing-inspection websocket-client zstandard, pinned by
+#   constraints.txt (pip download line in /work/.library/device/README.md, Python 3.12, manylinux x86-64).
 # Logs and JSON land in OUT (the device tool's $OUT comes back).
 set -u
 out=${1:?usage: gpu_fast_ab.sh OUT ab|autotune|final}
 stage=${2:?stage}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$HOME/site" .whl/*.whl \
+    && export PYTHONPATH=$HOME/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader > "$out/gpu.txt" 2>&1
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" >> "$out/gpu.txt" 2>&1
@@ -24,6 +35,30 @@ case $stage in
   final)
     python3 benchmarks/bench_steering_ab.py --out "$out/final_ab.json" --no-eager --autotune --rounds 300 --rounds-large 60 > "$out/final.md" 2> "$out/final.log"
     echo "final rc=$?" ;;
+  kernels)
+    python3 benchmarks/decode_kernels.py --out "$out/decode_kernels.json" > "$out/kernels.md" 2> "$out/kernels.log"
+    echo "kernels rc=$?"
+    python3 benchmarks/diagnose_backends.py --out "$out/diag_backends.json" > "$out/diag.md" 2> "$out/diag.log"
+    echo "diag rc=$?" ;;
+  triton)
+    python3 benchmarks/bench_steering_ab.py --out "$out/triton_ab.json" --no-eager --library --rounds 200 --rounds-large 30 > "$out/triton.md" 2> "$out/triton.log"
+    echo "triton ab rc=$?"
+    for c in default fast; do
+      python3 benchmarks/diagnose_backends.py --condition $c --out "$out/diag_$c.json" >> "$out/diag.md" 2>> "$out/diag.log"
+      echo "diag $c rc=$?"
+    done ;;
+  final2)
+    python3 benchmarks/bench_steering_ab.py --out "$out/final2_ab.json" --no-eager --library --rounds 150 --rounds-large 20 > "$out/final2.md" 2> "$out/final2.log"
+    echo "final2 ab rc=$?"
+    python3 benchmarks/diagnose_backends.py --condition fast --out "$out/diag_fast.json" >> "$out/diag.md" 2>> "$out/diag.log"
+    echo "diag fast rc=$?" ;;
+  diagnose)
+    for c in default deterministic sdpa-math sdpa-efficient fast; do
+      python3 benchmarks/diagnose_backends.py --condition $c --out "$out/diag_$c.json" >> "$out/diag.md" 2>> "$out/diag.log"
+      echo "diag $c rc=$?"
+    done
+    python3 benchmarks/decode_kernels.py --only gemv --out "$out/gemv.json" > "$out/kernels.md" 2> "$out/kernels.log"
+    echo "gemv rc=$?" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
 cat "$out"/*.md 2>/dev/null | tail -n 80

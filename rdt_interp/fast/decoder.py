@@ -25,6 +25,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from rdt_interp.errors import ConfigError
+from rdt_interp.fast import triton_ops
 from rdt_interp.models.adapter import ModelAdapter, get_submodule
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -53,6 +54,7 @@ class StackSpec:
     fused: bool
     act: nn.Module
     sliding_window: int | None = None
+    triton_gemv: bool = False  # batch-1 projections by rdt_interp.fast.triton_ops.gemv
 
     @property
     def n_rep(self) -> int:
@@ -94,9 +96,11 @@ class DecoderStack:
     Weights are the modules' own tensors (detached views, no copy) except with ``fuse=True``,
     which concatenates q/k/v and gate/up into one matrix each (one GEMM instead of three/two:
     fewer launches and better bandwidth at batch 1, at the cost of a copy of those weights).
+    ``triton=True`` runs batch-1 projections through :func:`rdt_interp.fast.triton_ops.gemv`
+    (refused where it does not apply), ``False`` never, ``None`` where it applies.
     """
 
-    def __init__(self, adapter: ModelAdapter, *, fuse: bool) -> None:
+    def __init__(self, adapter: ModelAdapter, *, fuse: bool, triton: bool | None = None) -> None:
         layers = adapter.layers
         if len(layers) == 0:
             raise ConfigError("the model has no decoder layers")
@@ -131,6 +135,10 @@ class DecoderStack:
         self.norm_w = norm.weight.detach()
         head_w, head_b = _weight(adapter.lm_head)
         self.lm_w, self.lm_b = head_w, head_b
+        usable = triton_ops.usable(head_w.device, head_w.dtype)
+        if triton and not usable:
+            raise ConfigError("the Triton GEMV needs a Hopper GPU, bf16/fp16 weights and Triton",
+                              fix="leave triton_kernels unset")
         n_heads = int(cfg.num_attention_heads)
         n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
         head_dim = int(getattr(attn0, "head_dim", adapter.d_model // n_heads))
@@ -140,6 +148,7 @@ class DecoderStack:
             eps=float(_eps(layers[0].input_layernorm)), final_eps=float(_eps(norm)),
             scaling=float(getattr(attn0, "scaling", head_dim ** -0.5)), vocab_size=int(head_w.shape[0]),
             fused=fuse, act=layers[0].mlp.act_fn, sliding_window=int(window) if window else None,
+            triton_gemv=usable if triton is None else bool(triton),
         )
         self.layers: list[LayerWeights] = []
         with torch.no_grad():
@@ -240,11 +249,11 @@ def apply_adds(h, adds):
 def _project_qkv(x, w, spec):
     b, s, _ = x.shape
     if len(w.qkv_w) == 1:
-        qkv = F.linear(x, w.qkv_w[0], w.qkv_b[0])
+        qkv = triton_ops.linear(x, w.qkv_w[0], w.qkv_b[0], spec.triton_gemv)
         q, k, v = qkv.split([spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim,
                              spec.n_kv_heads * spec.head_dim], dim=-1)
     else:
-        q, k, v = (F.linear(x, wi, bi) for wi, bi in zip(w.qkv_w, w.qkv_b, strict=True))
+        q, k, v = (triton_ops.linear(x, wi, bi, spec.triton_gemv) for wi, bi in zip(w.qkv_w, w.qkv_b, strict=True))
     q = q.reshape(b, s, spec.n_heads, spec.head_dim).transpose(1, 2)
     k = k.reshape(b, s, spec.n_kv_heads, spec.head_dim).transpose(1, 2)
     v = v.reshape(b, s, spec.n_kv_heads, spec.head_dim).transpose(1, 2)
@@ -265,17 +274,18 @@ def _attn_out(q, k, v, mask, w, spec):
     o = F.scaled_dot_product_attention(q, _repeat_kv(k, spec.n_rep), _repeat_kv(v, spec.n_rep),
                                        attn_mask=mask, scale=spec.scaling)
     o = o.transpose(1, 2).reshape(b, s, spec.n_heads * spec.head_dim)
-    return F.linear(o, w.o_w, w.o_b)
+    return triton_ops.linear(o, w.o_w, w.o_b, spec.triton_gemv)
 
 
 @no_type_check
 def _mlp(x, w, spec):
+    lin = triton_ops.linear
     if len(w.gu_w) == 1:
-        gate, up = F.linear(x, w.gu_w[0], w.gu_b[0]).split(spec.intermediate_size, dim=-1)
+        gate, up = lin(x, w.gu_w[0], w.gu_b[0], spec.triton_gemv).split(spec.intermediate_size, dim=-1)
     else:
-        gate = F.linear(x, w.gu_w[0], w.gu_b[0])
-        up = F.linear(x, w.gu_w[1], w.gu_b[1])
-    return F.linear(spec.act(gate) * up, w.down_w, w.down_b)
+        gate = lin(x, w.gu_w[0], w.gu_b[0], spec.triton_gemv)
+        up = lin(x, w.gu_w[1], w.gu_b[1], spec.triton_gemv)
+    return lin(spec.act(gate) * up, w.down_w, w.down_b, spec.triton_gemv)
 
 
 @no_type_check
@@ -319,9 +329,9 @@ def decode_layer(h, w, k_cache, v_cache, cos, sin, mask, slot, adds, *, spec):
 
 
 @no_type_check
-def head_logits(h_last, norm_w, lm_w, lm_b, *, eps: float):
+def head_logits(h_last, norm_w, lm_w, lm_b, *, eps: float, triton: bool = False):
     """Final norm and LM head on the last position: float32 logits ``[batch, vocab]``."""
-    return F.linear(rms_norm(h_last, norm_w, eps), lm_w, lm_b)[:, -1].float()
+    return triton_ops.linear(rms_norm(h_last, norm_w, eps), lm_w, lm_b, triton)[:, -1].float()
 
 
 @no_type_check

@@ -42,7 +42,7 @@ from rdt_interp.fast.steering import SteeringBuffers, SteeringLayout
 from rdt_interp.models.adapter import EncodedBatch, ModelAdapter
 from rdt_interp.models.vla import ActionPrediction, VLAAdapter
 from rdt_interp.roles import Role
-from rdt_interp.tracing.generation import Generation
+from rdt_interp.tracing.generation import Generation, repeatable_decode_attention
 from rdt_interp.tracing.interventions import Site
 
 CompileMode = Literal["auto", "none", "decode", "all"]
@@ -99,6 +99,9 @@ class FastGenerator:
         warmup: eager runs before a capture (the first one compiles).
         autotune: compile the decode layer and head with Inductor's max-autotune (it times its
             own matmul kernels against the library's for each shape; minutes of compile time).
+        triton_kernels: run batch-1 projections through the Triton GEMV of
+            :mod:`rdt_interp.fast.triton_ops` (default: where it applies, a Hopper GPU with
+            16-bit weights; ``False`` keeps the library kernels).
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class FastGenerator:
         fuse_projections: bool | None = None,
         warmup: int = 2,
         autotune: bool = False,
+        triton_kernels: bool | None = None,
     ) -> None:
         self.adapter = adapter
         self.device = adapter.device
@@ -149,7 +153,8 @@ class FastGenerator:
         mode = ("all" if on_cuda else "none") if compile == "auto" else compile
         self.warmup = int(warmup)
         self.generated_role: Role = adapter.generated_role
-        self.stack = DecoderStack(adapter, fuse=on_cuda if fuse_projections is None else bool(fuse_projections))
+        self.stack = DecoderStack(adapter, fuse=on_cuda if fuse_projections is None else bool(fuse_projections),
+                                  triton=triton_kernels)
         spec = self.stack.spec
         window = spec.sliding_window
         if window is not None and self.cache_len > window:
@@ -160,7 +165,8 @@ class FastGenerator:
         if autotune and mode == "none":
             raise ConfigError("autotune needs a compiled decode step", fix="use compile='decode' or 'all'")
         self._kernels = Kernels(self.stack, compile_decode=mode in ("decode", "all"),
-                                 compile_prefill=mode == "all", on_fail=self._compile_failed, autotune=autotune)
+                                 compile_prefill=mode == "all", on_fail=self._compile_failed, autotune=autotune,
+                                 image_features=adapter.model.image_features if self.multimodal else None)
         if autotune:
             self.stats.compile_mode += " (decode: max-autotune)"
         self._alloc()
@@ -299,6 +305,7 @@ class FastGenerator:
             "n_tokens": self.n_tokens, "max_batch": self.max_batch, "max_prompt_len": self.max_prompt_len,
             "cache_len": self.cache_len, "bucket": self.bucket, "cuda_graphs": self.cuda_graphs,
             "compile_mode": s.compile_mode, "fused_projections": self.stack.spec.fused,
+            "triton_gemv": self.stack.spec.triton_gemv,
             "steps_built": s.steps_built, "graphs_captured": s.graphs_captured,
             "warmup_seconds": s.warmup_seconds, "capture_seconds": s.capture_seconds,
             "compile_error": s.compile_error, "graph_error": s.graph_error,
@@ -361,7 +368,7 @@ class FastGenerator:
         return_logits, n_allowed = opts
         inputs = self.inputs
         roles = inputs.roles[:b, :length]
-        embed = inputs.embed(self.stack.embedding, b, length)
+        embed = inputs.embed(self.stack.embedding, b, length, self._kernels.image_features)
         kc = [k[:b] for k in self.k_cache]
         vc = [v[:b] for v in self.v_cache]
         pos = inputs.positions[:b, :length]
@@ -415,8 +422,11 @@ class FastGenerator:
             cos, sin = self.cos[pos], self.sin[pos]
             key_valid.index_fill_(1, slot, True)
             mask = key_valid[:, None, None, :]
-            for layer, w in enumerate(stack.layers):
-                h = kern.decode_layer(h, w, kc[layer], vc[layer], cos, sin, mask, slot, per_layer[layer])
+            # the SDPA backend is chosen when the step is compiled or captured: keep cuDNN's
+            # unrepeatable one-query kernel out (tracing.generation.repeatable_decode_attention)
+            with repeatable_decode_attention(self.device):
+                for layer, w in enumerate(stack.layers):
+                    h = kern.decode_layer(h, w, kc[layer], vc[layer], cos, sin, mask, slot, per_layer[layer])
             logits = kern.head(h, stack.norm_w, stack.lm_w, stack.lm_b)
             nxt = greedy(logits, allowed)
             out_tokens.index_copy_(1, t, nxt[:, None])

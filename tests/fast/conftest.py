@@ -26,6 +26,10 @@ def vla_requests(n: int, seed: int = 3, size: int = 112) -> list[VLARequest]:
 
 @pytest.fixture(scope="session")
 def vla():
+    return build_tiny_vla()
+
+
+def build_tiny_vla():
     """Random OpenVLA: the fixture's fused DINOv2+SigLIP at 112 px (64 patches), a 3-layer d=64
     Llama with OpenVLA's vocabulary and 256 action bins."""
     from rdt_interp.models.openvla import build_random_openvla

@@ -61,3 +61,19 @@ def test_eos_stops_rows(tiny):
 def test_needs_left_padding(tiny):
     with pytest.raises(ConfigError, match="left"):
         generate(tiny, tiny.encode(PROMPTS, padding_side="right"), max_new_tokens=2)
+
+
+def test_decode_steps_on_cuda_keep_cudnn_attention_out_and_restore_the_flags():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from rdt_interp.tracing.generation import repeatable_decode_attention
+
+    cuda = torch.backends.cuda
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        with repeatable_decode_attention(torch.device("cuda")):
+            assert not cuda.cudnn_sdp_enabled()
+            assert cuda.mem_efficient_sdp_enabled() and cuda.math_sdp_enabled()
+            assert not cuda.flash_sdp_enabled()  # a backend the caller turned off stays off
+        assert cuda.cudnn_sdp_enabled() and not cuda.flash_sdp_enabled()
+        with repeatable_decode_attention(torch.device("cpu")):  # CPU: nothing changes
+            assert cuda.cudnn_sdp_enabled()
