@@ -6,7 +6,9 @@ captured step pays:
   against the Triton kernel of ``rdt_interp/fast/triton_ops.py`` over a grid of tile configurations.
   Eight weight copies are rotated so the 60 MB L2 cannot serve repeats.
 * attention for one query over a 336-slot cache with a key mask: SDPA (default choice, the
-  efficient and cuDNN backends), and the same maths written as reductions for Inductor.
+  efficient, cuDNN and math backends), the same maths written as reductions for Inductor,
+  FlexAttention, and the split-KV Triton candidate of ``kernel_candidates.py``; each also run
+  twice to see whether it repeats its own output bit for bit.
 * the OpenVLA vision towers + projector at batch 1, eager against ``torch.compile``.
 
     python benchmarks/decode_kernels.py --out runs/decode_kernels.json      # GPU only
@@ -137,18 +139,38 @@ def _attention_batch(b: int, layers: int) -> dict[str, Any]:
         "sdpa_math": with_backend(SDPBackend.MATH),
         "reductions_compiled": torch.compile(lambda q, k, v: _attn_reductions(q, k, v, mask, scale), dynamic=False),
     }
+    valid = mask[:, 0, 0].contiguous()
+    try:
+        from kernel_candidates import split_kv_attention
+
+        for bc in (32, 64, 128):
+            variants[f"triton_split_kv_{bc}"] = (
+                lambda q, k, v, bc=bc: split_kv_attention(q, k, v, valid, scale, block_c=bc))
+    except Exception as exc:  # noqa: BLE001 - no Triton: the other variants still run
+        print(f"split-KV candidate unavailable: {exc}", flush=True)
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        def keep_valid(score: Any, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+            return torch.where(valid[b, kv_idx], score, float("-inf"))
+
+        variants["flex_compiled"] = torch.compile(
+            lambda q, k, v: flex_attention(q, k, v, score_mod=keep_valid, scale=scale), dynamic=False)
+    except Exception as exc:  # noqa: BLE001
+        print(f"flex attention unavailable: {exc}", flush=True)
     row: dict[str, Any] = {}
     for name, fn in variants.items():
         try:
             o = fn(q, ks[0], vs[0])
             err = float((o.float().reshape(ref.shape) - ref.float()).abs().max())
+            repeats = all(torch.equal(fn(q, ks[0], vs[0]), o) for _ in range(5))
             i = itertools.cycle(range(layers))
 
             def call(fn: Callable[..., Any] = fn, i: Any = i) -> Any:
                 j = next(i)
                 return fn(q, ks[j], vs[j])
 
-            row[name] = {"us": 1e6 * graph_time(call, inner=layers), "max_err": err}
+            row[name] = {"us": 1e6 * graph_time(call, inner=layers), "max_err": err, "repeatable": repeats}
         except Exception as exc:  # noqa: BLE001
             row[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         print(f"attention b={b} {name}: {row[name]}", flush=True)

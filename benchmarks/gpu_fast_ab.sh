@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_fast_ab.sh OUT diagnose  the diagnosis under each suspected cause + the GEMV tile sweep
 #   bash benchmarks/gpu_fast_ab.sh OUT triton    fast (Triton GEMV) vs fast-library, b 1 and 32; repeatability checks
 #   bash benchmarks/gpu_fast_ab.sh OUT final2    the same A/B, shorter, and the fast path's batch-32 repeatability
+#   bash benchmarks/gpu_fast_ab.sh OUT attention one-query attention: SDPA backends, FlexAttention, split-KV candidate
 # The nnsight diagnosis needs nnsight's wheels and the ones the device image lacks in .whl/ (carry it):
 #   greenlet pydantic pydantic_core annotated-types typing-inspection websocket-client zstandard, pinned by
 #   constraints.txt (pip download line in /work/.library/device/README.md, Python 3.12, manylinux x86-64).
@@ -52,6 +53,9 @@ case $stage in
     echo "final2 ab rc=$?"
     python3 benchmarks/diagnose_backends.py --condition fast --out "$out/diag_fast.json" >> "$out/diag.md" 2>> "$out/diag.log"
     echo "diag fast rc=$?" ;;
+  attention)
+    python3 benchmarks/decode_kernels.py --only attention --out "$out/attention.json" > "$out/attention.md" 2> "$out/attention.log"
+    echo "attention rc=$?" ;;
   diagnose)
     for c in default deterministic sdpa-math sdpa-efficient fast; do
       python3 benchmarks/diagnose_backends.py --condition $c --out "$out/diag_$c.json" >> "$out/diag.md" 2>> "$out/diag.log"
