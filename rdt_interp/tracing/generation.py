@@ -91,7 +91,7 @@ def generate(
         for step in range(max_new_tokens):
             if return_logits:
                 kept.append(logits.cpu())
-            nxt = _greedy(logits, allowed)
+            nxt = greedy_token(logits, allowed)
             if eos is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
                 done |= nxt == eos
@@ -136,7 +136,8 @@ def repeatable_decode_attention(device: torch.device) -> Iterator[None]:
         yield
 
 
-def _greedy(logits: Tensor, allowed: Tensor | None) -> Tensor:
+def greedy_token(logits: Tensor, allowed: Tensor | None) -> Tensor:
+    """Argmax over the vocabulary, or over the ``allowed`` token ids (first maximum wins)."""
     if allowed is None:
         return logits.argmax(dim=-1)
     allowed = allowed.to(logits.device)

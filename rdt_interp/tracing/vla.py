@@ -46,7 +46,14 @@ from rdt_interp.models.adapter import EncodedBatch, to_device
 from rdt_interp.models.vla import ActionPrediction, VLAAdapter, VLARequest
 from rdt_interp.roles import Role, Selector, role_mask
 from rdt_interp.tracing.capture import Activations
-from rdt_interp.tracing.generation import Backend, Generation, generate, make_runner
+from rdt_interp.tracing.generation import (
+    Backend,
+    Generation,
+    generate,
+    greedy_token,
+    make_runner,
+    repeatable_decode_attention,
+)
 from rdt_interp.tracing.interventions import (
     TARGET_MODES,
     AddRowDirections,
@@ -433,13 +440,6 @@ def select_cache_rows(cache: Any, rows: Int[Tensor, "r"]) -> Any:
     return new
 
 
-def _greedy(logits: Tensor, allowed: Tensor | None) -> Tensor:
-    if allowed is None:
-        return logits.argmax(dim=-1)
-    allowed = allowed.to(logits.device)
-    return allowed[logits[:, allowed].argmax(dim=-1)]
-
-
 @torch.inference_mode()
 def decode_from(
     adapter: VLAAdapter,
@@ -483,14 +483,15 @@ def decode_from(
         for step in range(max_new_tokens):
             if return_logits:
                 kept.append((logits if cols is None else logits[:, cols]).cpu())
-            nxt = _greedy(logits, allowed_token_ids)
+            nxt = greedy_token(logits, allowed_token_ids)
             tokens.append(nxt)
             if step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
             pos = pos + 1
-            out = runner.forward(adapter.step_kwargs(nxt[:, None], cache, mask, pos),
-                                 StepContext("decode", step_roles, step + 1))
+            with repeatable_decode_attention(device):
+                out = runner.forward(adapter.step_kwargs(nxt[:, None], cache, mask, pos),
+                                     StepContext("decode", step_roles, step + 1))
             logits = adapter.logits_of(out)[:, -1].float()
             cache = adapter.cache_of(out)
     return Generation(tokens=torch.stack(tokens, dim=1), finished=torch.zeros(n, dtype=torch.bool),
