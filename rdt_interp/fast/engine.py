@@ -42,8 +42,9 @@ from rdt_interp.fast.steering import SteeringBuffers, SteeringLayout
 from rdt_interp.models.adapter import EncodedBatch, ModelAdapter
 from rdt_interp.models.vla import ActionPrediction, VLAAdapter
 from rdt_interp.roles import Role
-from rdt_interp.tracing.generation import Generation, repeatable_decode_attention
+from rdt_interp.tracing.generation import Generation
 from rdt_interp.tracing.interventions import Site
+from rdt_interp.tracing.runner import repeatable_decode_attention
 
 CompileMode = Literal["auto", "none", "decode", "all"]
 
@@ -423,7 +424,7 @@ class FastGenerator:
             key_valid.index_fill_(1, slot, True)
             mask = key_valid[:, None, None, :]
             # the SDPA backend is chosen when the step is compiled or captured: keep cuDNN's
-            # unrepeatable one-query kernel out (tracing.generation.repeatable_decode_attention)
+            # unrepeatable one-query kernel out (tracing.runner.repeatable_decode_attention)
             with repeatable_decode_attention(self.device):
                 for layer, w in enumerate(stack.layers):
                     h = kern.decode_layer(h, w, kc[layer], vc[layer], cos, sin, mask, slot, per_layer[layer])

@@ -8,8 +8,7 @@ path apply the same edits at the same positions.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -100,11 +99,10 @@ def generate(
                 break
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
             pos = pos + 1
-            with repeatable_decode_attention(device):
-                out = runner.forward(
-                    adapter.step_kwargs(nxt[:, None], cache, mask, pos),
-                    StepContext("decode", step_roles, step + 1),
-                )
+            out = runner.forward(
+                adapter.step_kwargs(nxt[:, None], cache, mask, pos),
+                StepContext("decode", step_roles, step + 1),
+            )
             logits = adapter.logits_of(out)[:, -1].float()
             cache = adapter.cache_of(out)
     return Generation(
@@ -112,28 +110,6 @@ def generate(
         finished=done,
         logits=torch.stack(kept, dim=1) if return_logits else None,
     )
-
-
-@contextlib.contextmanager
-def repeatable_decode_attention(device: torch.device) -> Iterator[None]:
-    """SDPA without the cuDNN backend, on CUDA, for a decode step.
-
-    cuDNN's kernel for one query per row under a key mask is not run-to-run repeatable: on an
-    H200, two identical batch-32 generations differed from the first decode step on (layer 0),
-    while the efficient and math backends gave identical runs, and deterministic-algorithms mode
-    did not catch it (``benchmarks/diagnose_backends.py``, docs/benchmarks.md). This was the
-    "hooks vs nnsight" token difference at batch 32. Prefill passes keep every backend (their
-    outputs were identical run to run)."""
-    if device.type != "cuda":
-        yield
-        return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    allowed = [b for b, on in ((SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled()),
-                               (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled()),
-                               (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled())) if on]
-    with sdpa_kernel(allowed or [SDPBackend.MATH]):
-        yield
 
 
 def greedy_token(logits: Tensor, allowed: Tensor | None) -> Tensor:

@@ -69,7 +69,7 @@ class HookRunner(Runner):
 
         return hook
 
-    def forward(self, kwargs: dict[str, Any], ctx: StepContext, *, need_output: bool = True) -> Any:
+    def _run(self, kwargs: dict[str, Any], ctx: StepContext, need_output: bool) -> Any:
         if not hasattr(self, "_handles"):
             raise RuntimeError("use HookRunner as a context manager: `with HookRunner(...) as r:`")
         self._ctx = ctx

@@ -8,9 +8,11 @@ and share :meth:`Runner.visit`, so both compute exactly the same thing.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from rdt_interp.models.adapter import ModelAdapter
@@ -69,6 +71,36 @@ class Runner(abc.ABC):
             return None
         return max(active, key=lambda ls: (ls[0], SITE_ORDER[ls[1]]))
 
-    @abc.abstractmethod
     def forward(self, kwargs: dict[str, Any], ctx: StepContext, *, need_output: bool = True) -> Any:
-        """Run ``adapter.model(**kwargs)`` with edits and recordings; ``None`` if stopped early."""
+        """Run ``adapter.model(**kwargs)`` with edits and recordings; ``None`` if stopped early.
+        A decode step runs under :func:`repeatable_decode_attention`."""
+        if ctx.phase != "decode":
+            return self._run(kwargs, ctx, need_output)
+        with repeatable_decode_attention(self.adapter.device):
+            return self._run(kwargs, ctx, need_output)
+
+    @abc.abstractmethod
+    def _run(self, kwargs: dict[str, Any], ctx: StepContext, need_output: bool) -> Any:
+        """The forward pass itself, as this runner applies edits and recordings."""
+
+
+@contextlib.contextmanager
+def repeatable_decode_attention(device: torch.device) -> Iterator[None]:
+    """SDPA without the cuDNN backend, on CUDA, for a decode step.
+
+    cuDNN's kernel for one query per row under a key mask is not run-to-run repeatable: on an
+    H200, two identical batch-32 generations differed from the first decode step on (layer 0),
+    while the efficient and math backends gave identical runs, and deterministic-algorithms mode
+    did not catch it (``benchmarks/diagnose_backends.py``, docs/benchmarks.md). This was the
+    "hooks vs nnsight" token difference at batch 32. Prefill passes keep every backend (their
+    outputs were identical run to run)."""
+    if device.type != "cuda":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    allowed = [b for b, on in ((SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled()),
+                               (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled()),
+                               (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled())) if on]
+    with sdpa_kernel(allowed or [SDPBackend.MATH]):
+        yield

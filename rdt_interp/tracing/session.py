@@ -77,7 +77,7 @@ class NNsightRunner(Runner):
             return self.session.envoy_of(self.adapter.mlp_module(layer))
         return self.session.layer(layer)
 
-    def forward(self, kwargs: dict[str, Any], ctx: StepContext, *, need_output: bool = True) -> Any:
+    def _run(self, kwargs: dict[str, Any], ctx: StepContext, need_output: bool) -> Any:
         stop_at = self.stop_after(ctx, need_output)
         holder: list[Any] = []
         with self.session.model.trace(**kwargs) as tracer:

@@ -52,7 +52,6 @@ from rdt_interp.tracing.generation import (
     generate,
     greedy_token,
     make_runner,
-    repeatable_decode_attention,
 )
 from rdt_interp.tracing.interventions import (
     TARGET_MODES,
@@ -489,9 +488,8 @@ def decode_from(
                 break
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
             pos = pos + 1
-            with repeatable_decode_attention(device):
-                out = runner.forward(adapter.step_kwargs(nxt[:, None], cache, mask, pos),
-                                     StepContext("decode", step_roles, step + 1))
+            out = runner.forward(adapter.step_kwargs(nxt[:, None], cache, mask, pos),
+                                 StepContext("decode", step_roles, step + 1))
             logits = adapter.logits_of(out)[:, -1].float()
             cache = adapter.cache_of(out)
     return Generation(tokens=torch.stack(tokens, dim=1), finished=torch.zeros(n, dtype=torch.bool),

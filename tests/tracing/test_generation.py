@@ -66,7 +66,7 @@ def test_needs_left_padding(tiny):
 def test_decode_steps_on_cuda_keep_cudnn_attention_out_and_restore_the_flags():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from rdt_interp.tracing.generation import repeatable_decode_attention
+    from rdt_interp.tracing.runner import repeatable_decode_attention
 
     cuda = torch.backends.cuda
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
@@ -77,3 +77,21 @@ def test_decode_steps_on_cuda_keep_cudnn_attention_out_and_restore_the_flags():
         assert cuda.cudnn_sdp_enabled() and not cuda.flash_sdp_enabled()
         with repeatable_decode_attention(torch.device("cpu")):  # CPU: nothing changes
             assert cuda.cudnn_sdp_enabled()
+
+
+@pytest.mark.parametrize("backend", ["hooks", "nnsight"])
+def test_every_decode_forward_and_no_prefill_runs_under_repeatable_attention(tiny, backend, monkeypatch):
+    import contextlib
+
+    from rdt_interp.tracing import runner
+
+    entered: list[str] = []
+
+    @contextlib.contextmanager
+    def spy(device):
+        entered.append(device.type)
+        yield
+
+    monkeypatch.setattr(runner, "repeatable_decode_attention", spy)
+    generate(tiny, tiny.encode(PROMPTS), max_new_tokens=4, stop_at_eos=False, backend=backend)
+    assert entered == [tiny.device.type] * 3  # the 3 decode steps after the prefill
