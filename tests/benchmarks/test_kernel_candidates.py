@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
-# Triton's interpreter must be chosen before Triton is first imported: a fresh process.
+# run by the triton_interpreted fixture (a fresh process under Triton's interpreter)
 _SCRIPT = """
 import json, sys
 import torch, torch.nn.functional as F
@@ -37,12 +29,7 @@ CASES = [(2, 4, 4, 150, 16, 64), (3, 4, 2, 70, 32, 16), (1, 2, 2, 336, 64, 64)]
 
 
 @pytest.mark.slow
-def test_split_kv_attention_matches_sdpa():
-    pytest.importorskip("triton")
+def test_split_kv_attention_matches_sdpa(triton_interpreted):
     cases = [[*c, dt] for c in CASES for dt in ("float32", "bfloat16")]
-    run = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(cases)], capture_output=True, text=True,
-                         cwd=REPO, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)})
-    assert run.returncode == 0, run.stderr[-3000:]
-    errs = json.loads(run.stdout.splitlines()[-1])
-    for case, err in zip(cases, errs, strict=True):
+    for case, err in zip(cases, triton_interpreted(_SCRIPT, cases), strict=True):
         assert err <= (1e-5 if case[-1] == "float32" else 2e-2), (case, err)

@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,11 +10,7 @@ from rdt_interp.errors import ConfigError
 from rdt_interp.fast import FastGenerator, triton_ops
 from rdt_interp.fast.triton_ops import GemvConfig
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-# Triton's interpreter must be chosen before Triton is first imported, which torch may already
-# have done in this process: the kernel runs in a fresh interpreter process.
+# run by the triton_interpreted fixture (a fresh process under Triton's interpreter)
 _INTERPRETED = """
 import json, sys
 import torch, torch.nn.functional as F
@@ -47,14 +37,9 @@ CASES = [
 ]
 
 
-def test_gemv_kernel_computes_x_times_w_transposed():
-    pytest.importorskip("triton")
+def test_gemv_kernel_computes_x_times_w_transposed(triton_interpreted):
     cases = [[*c, dt] for c in CASES for dt in ("float32", "bfloat16")]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-c", _INTERPRETED, json.dumps(cases)], capture_output=True,
-                         text=True, env=env, cwd=ROOT, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    for (n, k, _cfg, _bias, dtype), (err, scale) in zip(cases, json.loads(run.stdout.splitlines()[-1]), strict=True):
+    for (n, k, _cfg, _bias, dtype), (err, scale) in zip(cases, triton_interpreted(_INTERPRETED, cases), strict=True):
         # float32 accumulation; the output rounded once to the dtype
         tol = 1e-4 * scale if dtype == "float32" else 2 ** -7 * scale
         assert err <= tol, (n, k, dtype, err, scale)
