@@ -267,7 +267,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any] | None:
         "shards_n_vs_1": shard_diff(root / "one" / "shards" / "specificity", root / "n" / "shards" / "specificity"),
         "model_parallel": mp,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "wall_seconds": time.perf_counter() - T0, "run_root": str(root),
+        "wall_seconds": time.perf_counter() - T0, "run": root.name,  # the scratch folder's name, not its path
     }
     write_json(args.out, res)
     print(table(res), flush=True)
