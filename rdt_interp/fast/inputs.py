@@ -105,21 +105,20 @@ class PromptInputs:
         self.pixels[:b].copy_(pixels)
 
     def embed(self, embedding: nn.Module, b: int, length: int,
-              image_features: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None) -> Callable[[], Tensor]:
+              image_features: Callable[[Tensor], tuple[Tensor, Tensor]] | None) -> Callable[[], Tensor]:
         """The prefill's input embeddings for ``b`` rows of ``length`` positions, as a function of
         the staged inputs (for a VLA: ``image_features`` -- the model's vision towers and
-        projector, compiled or not -- then the merge with the text)."""
+        projector, compiled or not -- then the merge with the text; ``None`` only for a chat model)."""
         if not self.multimodal:
             ids = self.ids[:b, :length]
             return lambda: embedding(ids)
-        features = image_features or self.adapter.model.image_features
         text_ids = self.text_ids[:b, :length - self.n_patches]
         layout = MultimodalLayout(self.text_index[:b, :length], self.patch_index[:b, :length],
                                   self.is_patch[:b, :length])
         pixels = self.pixels[:b]
 
         def embed() -> Tensor:
-            _, projected = features(pixels)
+            _, projected = image_features(pixels)
             return layout.merge(embedding(text_ids), projected)
 
         return embed
