@@ -5,15 +5,15 @@
 #   bash benchmarks/gpu_fast_ab.sh OUT final     fast and fast-autotune only, 300 rounds at batch 1, 60 at 32
 #   bash benchmarks/gpu_fast_ab.sh OUT kernels   decode/prefill kernel microbenchmarks + hooks-vs-nnsight diagnosis
 #   bash benchmarks/gpu_fast_ab.sh OUT diagnose  the diagnosis under each suspected cause + the GEMV tile sweep
-#   bash benchmarks/gpu_fast_ab.sh OUT triton    fast (Triton GEMV) vs fast-library, b 1 and 32; repeatability checks
-#   bash benchmarks/gpu_fast_ab.sh OUT final2    the same A/B, shorter, and the fast path's batch-32 repeatability
+#   bash benchmarks/gpu_fast_ab.sh OUT triton    fast (Triton GEMV) vs fast-library, b 1 and 32 (ROUNDS, ROUNDS_LARGE:
+#                                                150 and 20 by default); eager and fast repeatability at batch 32
 #   bash benchmarks/gpu_fast_ab.sh OUT attention one-query attention: SDPA backends, FlexAttention, split-KV candidate
 # The nnsight diagnosis needs nnsight's wheels and the ones the device image lacks in .whl/ (carry it):
 #   greenlet pydantic pydantic_core annotated-types typing-inspection websocket-client zstandard, pinned by
 #   constraints.txt (pip download line in /work/.library/device/README.md, Python 3.12, manylinux x86-64).
 # Logs and JSON land in OUT (the device tool's $OUT comes back).
 set -u
-out=${1:?usage: gpu_fast_ab.sh OUT ab|autotune|final}
+out=${1:?usage: gpu_fast_ab.sh OUT ab|autotune|final|kernels|diagnose|triton|attention}
 stage=${2:?stage}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0
@@ -24,6 +24,12 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader > "$out/gpu.txt" 2>&1
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" >> "$out/gpu.txt" 2>&1
+diag() {  # diagnose_backends.py under each named condition, one JSON each
+  for c in "$@"; do
+    python3 benchmarks/diagnose_backends.py --condition "$c" --out "$out/diag_$c.json" >> "$out/diag.md" 2>> "$out/diag.log"
+    echo "diag $c rc=$?"
+  done
+}
 case $stage in
   ab)
     python3 benchmarks/bench_steering_ab.py --out "$out/steering_ab.json" --fp32-check > "$out/ab.md" 2> "$out/ab.log"
@@ -39,28 +45,17 @@ case $stage in
   kernels)
     python3 benchmarks/decode_kernels.py --out "$out/decode_kernels.json" > "$out/kernels.md" 2> "$out/kernels.log"
     echo "kernels rc=$?"
-    python3 benchmarks/diagnose_backends.py --out "$out/diag_backends.json" > "$out/diag.md" 2> "$out/diag.log"
-    echo "diag rc=$?" ;;
+    diag default ;;
   triton)
-    python3 benchmarks/bench_steering_ab.py --out "$out/triton_ab.json" --no-eager --library --rounds 200 --rounds-large 30 > "$out/triton.md" 2> "$out/triton.log"
+    python3 benchmarks/bench_steering_ab.py --out "$out/triton_ab.json" --no-eager --library \
+      --rounds "${ROUNDS:-150}" --rounds-large "${ROUNDS_LARGE:-20}" > "$out/triton.md" 2> "$out/triton.log"
     echo "triton ab rc=$?"
-    for c in default fast; do
-      python3 benchmarks/diagnose_backends.py --condition $c --out "$out/diag_$c.json" >> "$out/diag.md" 2>> "$out/diag.log"
-      echo "diag $c rc=$?"
-    done ;;
-  final2)
-    python3 benchmarks/bench_steering_ab.py --out "$out/final2_ab.json" --no-eager --library --rounds 150 --rounds-large 20 > "$out/final2.md" 2> "$out/final2.log"
-    echo "final2 ab rc=$?"
-    python3 benchmarks/diagnose_backends.py --condition fast --out "$out/diag_fast.json" >> "$out/diag.md" 2>> "$out/diag.log"
-    echo "diag fast rc=$?" ;;
+    diag fast default ;;
   attention)
     python3 benchmarks/decode_kernels.py --only attention --out "$out/attention.json" > "$out/attention.md" 2> "$out/attention.log"
     echo "attention rc=$?" ;;
   diagnose)
-    for c in default deterministic sdpa-math sdpa-efficient fast; do
-      python3 benchmarks/diagnose_backends.py --condition $c --out "$out/diag_$c.json" >> "$out/diag.md" 2>> "$out/diag.log"
-      echo "diag $c rc=$?"
-    done
+    diag default deterministic sdpa-math sdpa-efficient fast
     python3 benchmarks/decode_kernels.py --only gemv --out "$out/gemv.json" > "$out/kernels.md" 2> "$out/kernels.log"
     echo "gemv rc=$?" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
