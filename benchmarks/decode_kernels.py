@@ -7,9 +7,11 @@ captured step pays:
   Eight weight copies are rotated so the 60 MB L2 cannot serve repeats.
 * attention for one query over a 336-slot cache with a key mask: SDPA (default choice, the
   efficient, cuDNN and math backends), the same maths written as reductions for Inductor,
-  FlexAttention, and the split-KV Triton candidate of ``kernel_candidates.py``; each also run
-  twice to see whether it repeats its own output bit for bit.
-* the OpenVLA vision towers + projector at batch 1, eager against ``torch.compile``.
+  FlexAttention, and the split-KV Triton kernel of ``rdt_interp/fast/triton_ops.py`` over block
+  sizes and warps (and as the fast path configures it); each also run again to see whether it
+  repeats its own output bit for bit.
+* the OpenVLA vision towers + projector at batch 1: eager, compiled as one function, each tower
+  compiled on its own, and the towers on two streams (as ``rdt_interp/fast/vision.py`` runs them).
 
     python benchmarks/decode_kernels.py --out runs/decode_kernels.json      # GPU only
 """
@@ -140,14 +142,11 @@ def _attention_batch(b: int, layers: int) -> dict[str, Any]:
         "reductions_compiled": torch.compile(lambda q, k, v: _attn_reductions(q, k, v, mask, scale), dynamic=False),
     }
     valid = mask[:, 0, 0].contiguous()
-    try:
-        from kernel_candidates import split_kv_attention
-
-        for bc in (32, 64, 128):
-            variants[f"triton_split_kv_{bc}"] = (
-                lambda q, k, v, bc=bc: split_kv_attention(q, k, v, valid, scale, block_c=bc))
-    except Exception as exc:  # noqa: BLE001 - no Triton: the other variants still run
-        print(f"split-KV candidate unavailable: {exc}", flush=True)
+    for bc, nw in itertools.product((16, 32, 64, 128), (2, 4, 8)):
+        cfg = G.AttentionConfig(bc, nw)
+        variants[f"triton_split_kv_{bc}_w{nw}"] = (
+            lambda q, k, v, cfg=cfg: G.decode_attention_launch(q, k, v, valid, scale, cfg))
+    variants["triton_decode_attention"] = lambda q, k, v: G.decode_attention(q, k, v, valid, scale)
     try:
         from torch.nn.attention.flex_attention import flex_attention
 
@@ -199,6 +198,22 @@ def bench_vision(out: dict[str, Any]) -> None:
         res["ref_max"] = float(ref.float().abs().max())
         res["eager_ms"] = 1e3 * graph_time(lambda: eager(px), inner=4)
         res["compiled_ms"] = 1e3 * graph_time(lambda: comp(px), inner=4)
+        # the two towers are independent until their features are concatenated: each compiled on
+        # its own (rdt_interp.fast.vision), run one after the other and on two streams
+        from rdt_interp.fast.vision import ConcurrentTowers
+
+        def fail(name: str, exc: Exception) -> None:
+            raise exc
+
+        for name, streams in (("towers_compiled_ms", False), ("towers_two_streams_ms", True)):
+            towers = ConcurrentTowers(model.vision_backbone, model.projector, compile=True, on_fail=fail,
+                                      device=px.device)
+            if not streams:
+                towers.streams = []
+            got = towers(px)[1]
+            torch.cuda.synchronize()
+            res[name.replace("_ms", "_max_err")] = float((got.float() - ref.float()).abs().max())
+            res[name] = 1e3 * graph_time(lambda towers=towers: towers(px), inner=4)
     print(f"vision b=1: {res}", flush=True)
     out["vision"] = res
 

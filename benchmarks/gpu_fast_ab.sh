@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_fast_ab.sh OUT diagnose  the diagnosis under each suspected cause + the GEMV tile sweep
 #   bash benchmarks/gpu_fast_ab.sh OUT triton    fast (Triton GEMV) vs fast-library, b 1 and 32 (ROUNDS, ROUNDS_LARGE:
 #                                                150 and 20 by default); eager and fast repeatability at batch 32
-#   bash benchmarks/gpu_fast_ab.sh OUT attention one-query attention: SDPA backends, FlexAttention, split-KV candidate
+#   bash benchmarks/gpu_fast_ab.sh OUT attention one-query attention (SDPA backends, FlexAttention, the split-KV Triton kernel)
+#                                                and the vision towers (one graph, compiled, on two streams)
 # The nnsight diagnosis needs nnsight's wheels and the ones the device image lacks in .whl/ (carry it):
 #   greenlet pydantic pydantic_core annotated-types typing-inspection websocket-client zstandard, pinned by
 #   constraints.txt (pip download line in /work/.library/device/README.md, Python 3.12, manylinux x86-64).
@@ -50,9 +51,9 @@ case $stage in
     python3 benchmarks/bench_steering_ab.py --out "$out/triton_ab.json" --no-eager --library \
       --rounds "${ROUNDS:-150}" --rounds-large "${ROUNDS_LARGE:-20}" > "$out/triton.md" 2> "$out/triton.log"
     echo "triton ab rc=$?"
-    diag fast default ;;
+    diag ${DIAG:-fast default} ;;
   attention)
-    python3 benchmarks/decode_kernels.py --only attention --out "$out/attention.json" > "$out/attention.md" 2> "$out/attention.log"
+    python3 benchmarks/decode_kernels.py --only attention,vision --out "$out/attention.json" > "$out/attention.md" 2> "$out/attention.log"
     echo "attention rc=$?" ;;
   diagnose)
     diag default deterministic sdpa-math sdpa-efficient fast

@@ -55,6 +55,7 @@ class StackSpec:
     act: nn.Module
     sliding_window: int | None = None
     triton_gemv: bool = False  # batch-1 projections by rdt_interp.fast.triton_ops.gemv
+    triton_attention: bool = False  # decode attention by rdt_interp.fast.triton_ops.decode_attention
 
     @property
     def n_rep(self) -> int:
@@ -97,7 +98,8 @@ class DecoderStack:
     which concatenates q/k/v and gate/up into one matrix each (one GEMM instead of three/two:
     fewer launches and better bandwidth at batch 1, at the cost of a copy of those weights).
     ``triton=True`` runs batch-1 projections through :func:`rdt_interp.fast.triton_ops.gemv`
-    (refused where it does not apply), ``False`` never, ``None`` where it applies.
+    and decode attention through :func:`~rdt_interp.fast.triton_ops.decode_attention` (refused
+    where they cannot run), ``False`` never, ``None`` where they can.
     """
 
     def __init__(self, adapter: ModelAdapter, *, fuse: bool, triton: bool | None = None) -> None:
@@ -149,6 +151,7 @@ class DecoderStack:
             scaling=float(getattr(attn0, "scaling", head_dim ** -0.5)), vocab_size=int(head_w.shape[0]),
             fused=fuse, act=layers[0].mlp.act_fn, sliding_window=int(window) if window else None,
             triton_gemv=usable if triton is None else bool(triton),
+            triton_attention=(usable if triton is None else bool(triton)) and triton_ops.attention_applies(head_dim),
         )
         self.layers: list[LayerWeights] = []
         with torch.no_grad():
@@ -269,10 +272,13 @@ def _repeat_kv(x, n_rep: int):
 
 
 @no_type_check
-def _attn_out(q, k, v, mask, w, spec):
+def _attn_out(q, k, v, mask, w, spec, *, decode: bool = False):
     b, _, s, _ = q.shape
-    o = F.scaled_dot_product_attention(q, _repeat_kv(k, spec.n_rep), _repeat_kv(v, spec.n_rep),
-                                       attn_mask=mask, scale=spec.scaling)
+    if decode and spec.triton_attention:  # one query per row over the cache; mask [b, 1, 1, C]
+        o = triton_ops.decode_attention(q, k, v, mask[:, 0, 0], spec.scaling)
+    else:
+        o = F.scaled_dot_product_attention(q, _repeat_kv(k, spec.n_rep), _repeat_kv(v, spec.n_rep),
+                                           attn_mask=mask, scale=spec.scaling)
     o = o.transpose(1, 2).reshape(b, s, spec.n_heads * spec.head_dim)
     return triton_ops.linear(o, w.o_w, w.o_b, spec.triton_gemv)
 
@@ -325,7 +331,7 @@ def decode_layer(h, w, k_cache, v_cache, cos, sin, mask, slot, adds, *, spec):
     q, k = apply_rope(q, k, cos, sin)
     k_cache.index_copy_(2, slot, k)
     v_cache.index_copy_(2, slot, v)
-    return _finish(h, _attn_out(q, k_cache, v_cache, mask, w, spec), w, adds, spec)
+    return _finish(h, _attn_out(q, k_cache, v_cache, mask, w, spec, decode=True), w, adds, spec)
 
 
 @no_type_check

@@ -44,8 +44,7 @@ class Kernels:
     """
 
     def __init__(self, stack: DecoderStack, *, compile_decode: bool, compile_prefill: bool,
-                 on_fail: Callable[[str, Exception], None], autotune: bool = False,
-                 image_features: Callable[..., Any] | None = None) -> None:
+                 on_fail: Callable[[str, Exception], None], autotune: bool = False) -> None:
         spec, eps = stack.spec, stack.spec.final_eps
 
         @no_type_check
@@ -72,10 +71,6 @@ class Kernels:
         self.decode_layer = (CompiledOrEager("decode layer", decode, on_fail, **dec_kw)
                              if compile_decode else decode)
         self.head = CompiledOrEager("LM head", head, on_fail, **dec_kw) if compile_decode else head
-        # a VLA's vision towers and projector: compiled with the prefill (Inductor fuses their
-        # LayerNorms and GELUs; 3.99 -> 3.26 ms at batch 1 on an H200, decode_kernels.py)
-        self.image_features = (CompiledOrEager("vision towers", image_features, on_fail, dynamic=False)
-                               if compile_prefill and image_features is not None else image_features)
         self.compiled = compile_decode or compile_prefill
 
 

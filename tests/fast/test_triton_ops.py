@@ -1,4 +1,5 @@
-"""The Triton GEMV: where it is used, and what it computes (Triton's interpreter, on this CPU)."""
+"""The Triton kernels (GEMV, decode attention): where they are used, and what they compute
+(Triton's interpreter, on this CPU)."""
 
 from __future__ import annotations
 
@@ -77,4 +78,70 @@ def test_asking_for_the_kernel_where_it_cannot_run_is_refused(tiny_models):
     chat = tiny_models["tiny-llama"]
     with pytest.raises(ConfigError, match="Hopper"):
         FastGenerator(chat, n_tokens=2, max_batch=1, triton_kernels=True)
-    assert FastGenerator(chat, n_tokens=2, max_batch=1).describe()["triton_gemv"] is False
+    described = FastGenerator(chat, n_tokens=2, max_batch=1).describe()
+    assert described["triton_gemv"] is False and described["triton_attention"] is False
+
+
+_ATTENTION = """
+import json, sys
+import torch, torch.nn.functional as F
+from rdt_interp.fast.triton_ops import AttentionConfig, decode_attention_launch
+out = []
+for b, h, hkv, c, d, block, dtype in json.loads(sys.argv[1]):
+    dtype = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(c)
+    q, k, v = (torch.randn(*s, generator=g).to(dtype) for s in ((b, h, 1, d), (b, hkv, c, d), (b, hkv, c, d)))
+    valid = torch.ones(b, c, dtype=torch.bool)
+    valid[:, c - 20:] = False          # slots not written yet
+    valid[0, : min(67, c - 30)] = False  # left padding of one row, over whole blocks
+    got = decode_attention_launch(q, k, v, valid, d ** -0.5, AttentionConfig(block, 2))
+    again = decode_attention_launch(q, k, v, valid, d ** -0.5, AttentionConfig(block, 2))
+    kk, vv = (t.repeat_interleave(h // hkv, 1).double() for t in (k, v))
+    ref = F.scaled_dot_product_attention(q.double(), kk, vv, attn_mask=valid[:, None, None, :], scale=d ** -0.5)
+    out.append([float((got.double() - ref).abs().max()), bool(torch.equal(got, again)), list(got.shape)])
+print(json.dumps(out))
+"""
+
+# (batch, heads, kv heads, cache slots, head dim, block of slots): blocks that end past the
+# cache, grouped-query heads, one block
+_ATTENTION_CASES = [(2, 4, 4, 150, 16, 64), (3, 4, 2, 70, 32, 16), (1, 2, 2, 48, 64, 64)]
+
+
+@pytest.mark.slow
+def test_decode_attention_kernel_computes_masked_softmax_attention(triton_interpreted):
+    cases = [[*c, dt] for c in _ATTENTION_CASES for dt in ("float32", "bfloat16")]
+    for case, (err, repeats, shape) in zip(cases, triton_interpreted(_ATTENTION, cases), strict=True):
+        # float32 statistics; a bf16 output is rounded once (|out| < 4 here)
+        assert err <= (1e-5 if case[-1] == "float32" else 2 ** -6), (case, err)
+        assert repeats and shape == [case[0], case[1], 1, case[4]]
+
+
+def test_attention_blocks_shrink_when_few_heads_would_run():
+    assert triton_ops.attention_config(1, 32).block_c == 16    # 32 (row, head) pairs
+    assert triton_ops.attention_config(32, 32).block_c == 64   # 1024
+    assert [triton_ops.attention_applies(d) for d in (8, 64, 96, 128, 256, 512)] == [
+        False, True, False, True, True, False]
+
+
+def test_decode_layers_take_the_attention_kernel_and_prefill_layers_do_not(monkeypatch, tiny_models):
+    calls: list[tuple[int, ...]] = []
+
+    def fake(q, k, v, valid, scale):  # the kernel's contract, by SDPA
+        calls.append(tuple(q.shape))
+        n_rep = q.shape[1] // k.shape[1]
+        k, v = (t.repeat_interleave(n_rep, 1) for t in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], scale=scale)
+
+    chat = tiny_models["tiny-llama"]
+    batch = chat.encode(["a short prompt", "another, longer prompt here"])
+    want = FastGenerator(chat, n_tokens=3, max_batch=2).generate(batch, return_logits=True)
+    monkeypatch.setattr(triton_ops, "decode_attention", fake)
+    monkeypatch.setattr(triton_ops, "usable", lambda device, dtype: True)  # as on a Hopper GPU
+    fast = FastGenerator(chat, n_tokens=3, max_batch=2)
+    spec = fast.stack.spec
+    assert spec.triton_attention and fast.describe()["triton_attention"]
+    got = fast.generate(batch, return_logits=True)
+    # two decode steps of every layer; the prefill kept SDPA
+    assert calls == [(2, spec.n_heads, 1, spec.head_dim)] * (2 * spec.n_layers)
+    assert torch.equal(got.tokens, want.tokens)
+    assert (got.logits - want.logits).abs().max() <= 1e-5

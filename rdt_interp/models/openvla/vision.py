@@ -245,10 +245,15 @@ class VisionBackbone(nn.Module):
                 f"{self.in_channels} (3 per ViT)",
                 fix="make pixel_values with the model's processor (OpenVLAImageProcessor)",
             )
-        if self.fused_featurizer is None:
-            return self.featurizer(pixel_values)
-        img, img_fused = torch.split(pixel_values, [3, 3], dim=1)
-        return torch.cat([self.featurizer(img), self.fused_featurizer(img_fused)], dim=2)
+        feats = [vit(pixel_values[:, channels]) for vit, channels in self.towers()]
+        return feats[0] if len(feats) == 1 else torch.cat(feats, dim=2)
+
+    def towers(self) -> list[tuple[ViTFeaturizer, slice]]:
+        """Each ViT with the ``pixel_values`` channels it reads; their features, concatenated on
+        the feature axis in this order, are the backbone's output. They are independent until
+        then, which the fast path uses to run them side by side."""
+        vits = [self.featurizer] if self.fused_featurizer is None else [self.featurizer, self.fused_featurizer]
+        return [(vit, slice(3 * i, 3 * i + 3)) for i, vit in enumerate(vits)]
 
     def weight_plan(self, src: str, dst: str) -> list[WeightAssign]:
         plan = vit_weight_plan(self.featurizer, f"{src}featurizer.", f"{dst}featurizer.vit.")
