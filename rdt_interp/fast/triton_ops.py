@@ -152,13 +152,13 @@ def decode_attention_launch(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scal
     m = torch.empty(bsz * n_heads * n_blocks, dtype=torch.float32, device=q.device)
     lsum = torch.empty_like(m)
     acc = torch.empty(bsz * n_heads * n_blocks, d, dtype=torch.float32, device=q.device)
-    kern.partial_kernel[(bsz * n_heads, n_blocks)](
+    kern.attention_partial_kernel[(bsz * n_heads, n_blocks)](
         q, k, v, valid, m, lsum, acc, c, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), valid.stride(0),
         H=n_heads, N_REP=n_heads // n_kv, D=d, BLOCK_C=cfg.block_c, N_BLOCKS=n_blocks, num_warps=cfg.num_warps)
     out = torch.empty(bsz, n_heads, 1, d, dtype=q.dtype, device=q.device)
-    kern.combine_kernel[(bsz * n_heads,)](
+    kern.attention_combine_kernel[(bsz * n_heads,)](
         m, lsum, acc, out, out.stride(0), out.stride(1),
         H=n_heads, D=d, N_BLOCKS=n_blocks, NB_POW2=1 << max(0, (n_blocks - 1).bit_length()), num_warps=4)
     return out
