@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float, Shaped
 from torch import Tensor
 
 
@@ -139,8 +140,14 @@ def _attention_kernels() -> Any:
     return _attention_kernel
 
 
-def decode_attention_launch(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float,
-                            cfg: AttentionConfig) -> Tensor:
+def decode_attention_launch(
+    q: Float[Tensor, "batch heads 1 head_dim"],
+    k: Float[Tensor, "batch kv_heads slots head_dim"],
+    v: Float[Tensor, "batch kv_heads slots head_dim"],
+    valid: Shaped[Tensor, "batch slots"],
+    scale: float,
+    cfg: AttentionConfig,
+) -> Float[Tensor, "batch heads 1 head_dim"]:
     """Softmax attention of ``q`` ``[b, H, 1, D]`` over ``k``/``v`` ``[b, Hkv, C, D]`` (head
     dimension contiguous) where ``valid`` ``[b, C]`` is true; ``[b, H, 1, D]`` in ``q``'s dtype.
     Every row needs at least one valid slot."""

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any, no_type_check
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 
 from rdt_interp.fast.kernels import CompiledOrEager
@@ -44,7 +45,9 @@ class ConcurrentTowers:
         on_cuda = device.type == "cuda"
         self.streams = [torch.cuda.Stream(device) for _ in self.towers[1:]] if on_cuda else []
 
-    def __call__(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(
+        self, pixel_values: Float[Tensor, "batch channels h w"]
+    ) -> tuple[Float[Tensor, "batch patches vision_dim"], Float[Tensor, "batch patches llm_dim"]]:
         (first, first_channels), rest = self.towers[0], self.towers[1:]
         if not self.streams:
             feats = [vit(pixel_values[:, channels]) for vit, channels in self.towers]

@@ -145,3 +145,14 @@ def test_decode_layers_take_the_attention_kernel_and_prefill_layers_do_not(monke
     assert calls == [(2, spec.n_heads, 1, spec.head_dim)] * (2 * spec.n_layers)
     assert torch.equal(got.tokens, want.tokens)
     assert (got.logits - want.logits).abs().max() <= 1e-5
+
+
+def test_attention_launch_checks_shapes_before_any_kernel_runs():
+    from jaxtyping import TypeCheckError
+
+    q, valid = torch.randn(1, 2, 1, 16), torch.ones(1, 5, dtype=torch.bool)
+    cfg = triton_ops.AttentionConfig(16, 2)
+    with pytest.raises(TypeCheckError):  # head sizes differ
+        triton_ops.decode_attention_launch(q, torch.randn(1, 2, 5, 32), torch.randn(1, 2, 5, 32), valid, 0.25, cfg)
+    with pytest.raises(TypeCheckError):  # the mask covers other slots than the cache
+        triton_ops.decode_attention_launch(q, torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16), valid, 0.25, cfg)
