@@ -18,9 +18,9 @@ import triton.language as tl
 @triton.jit
 @no_type_check  # the test suite's runtime type checker must not wrap what Triton compiles
 def attention_partial_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, m_ptr, l_ptr, acc_ptr, C, scale,
-                   sq_b, sq_h, sk_b, sk_h, sk_c, sv_b, sv_h, sv_c, sm_b,
-                   H: tl.constexpr, N_REP: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr,
-                   N_BLOCKS: tl.constexpr):
+                             sq_b, sq_h, sk_b, sk_h, sk_c, sv_b, sv_h, sv_c, sm_b,
+                             H: tl.constexpr, N_REP: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr,
+                             N_BLOCKS: tl.constexpr):
     bh = tl.program_id(0)
     blk = tl.program_id(1)
     b = bh // H
@@ -48,7 +48,7 @@ def attention_partial_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, m_ptr, l_ptr, acc_p
 @triton.jit
 @no_type_check
 def attention_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, so_b, so_h,
-                   H: tl.constexpr, D: tl.constexpr, N_BLOCKS: tl.constexpr, NB_POW2: tl.constexpr):
+                             H: tl.constexpr, D: tl.constexpr, N_BLOCKS: tl.constexpr, NB_POW2: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
