@@ -38,7 +38,15 @@ ATTENTION = ("flash", "fmha", "attention", "sdpa", "efficient")
 
 
 def kind(name: str) -> str:
+    """matmul, attention or other, from a kernel's name. Inductor's own kernels are named after
+    the ops they fuse, which can include the op they feed (``..._gemv_mean_mul_pow_rsqrt`` is an
+    RMSNorm, ``..._decode_attention_index_copy_...`` RoPE and the cache write), so a
+    ``triton_poi/red/per`` kernel is element-wise work; a ``triton_tem`` one is a matmul template."""
     low = name.lower()
+    if low.startswith("triton_tem"):
+        return "matmul"
+    if low.startswith(("triton_poi", "triton_red", "triton_per")):
+        return "other"
     if any(k in low for k in ATTENTION):
         return "attention"
     if any(k in low for k in MATMUL):
