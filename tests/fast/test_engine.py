@@ -227,3 +227,19 @@ def test_other_prompts_reuse_the_steps_and_are_restaged(vla, direction):
     for batch in (first, second, first):
         assert_same(fast.generate(batch, interventions=ivs, return_logits=True), eager(vla, batch, 7, ivs))
     assert fast.stats.steps_built == 2
+
+
+def test_allowed_tokens_are_restaged_when_they_change(vla):
+    # the allowed ids are copied to the device only when another tensor, or the same one edited
+    # in place, is passed: an edit must still reach the step
+    fast = FastGenerator(vla, max_prompt_len=256, bucket=128)
+    batch = vla.encode(vla_requests(2, seed=4))
+    allowed = torch.arange(31800, 31810)
+    first = fast.generate(batch, allowed_token_ids=allowed).tokens
+    assert bool(((first >= 31800) & (first < 31810)).all())
+    allowed += 100
+    again = fast.generate(batch, allowed_token_ids=allowed).tokens
+    assert bool(((again >= 31900) & (again < 31910)).all())
+    other = fast.generate(batch, allowed_token_ids=torch.arange(31700, 31710)).tokens
+    assert bool(((other >= 31700) & (other < 31710)).all())
+    assert fast.stats.steps_built == 2  # one size of allowed set: the same steps throughout
