@@ -202,7 +202,6 @@ class FastGenerator:
         self.out_tokens = long(bm, self.n_tokens)
         self.out_logits: Tensor | None = None
         self._allowed: dict[int, Tensor] = {}
-        self._allowed_last: tuple[Tensor, int] | None = None
 
     def _layout(self, ivs: list[Any]) -> SteeringLayout:
         """The layout of ``ivs``, remembered for the last few lists of the same intervention
@@ -341,14 +340,11 @@ class FastGenerator:
             steer.fill(ivs, b, layout)
         n_allowed = None
         if allowed is not None:
+            allowed = allowed.to(device=self.device, dtype=torch.long).reshape(-1)
             n_allowed = int(allowed.numel())
-            # the same tensor, unchanged, as last call (the VLA's action ids): already in place
-            if self._allowed_last is None or self._allowed_last[0] is not allowed or \
-                    self._allowed_last[1] != allowed._version:
-                if n_allowed not in self._allowed:
-                    self._allowed[n_allowed] = torch.zeros(n_allowed, dtype=torch.long, device=self.device)
-                self._allowed[n_allowed].copy_(allowed.reshape(-1))
-                self._allowed_last = (allowed, allowed._version)
+            if n_allowed not in self._allowed:
+                self._allowed[n_allowed] = torch.zeros(n_allowed, dtype=torch.long, device=self.device)
+            self._allowed[n_allowed].copy_(allowed)
         if return_logits and self.out_logits is None:
             self.out_logits = torch.zeros(self.max_batch, self.n_tokens, self.stack.spec.vocab_size,
                                           dtype=torch.float32, device=self.device)

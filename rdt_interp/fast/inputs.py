@@ -23,14 +23,7 @@ from rdt_interp.roles import Role
 
 
 class PromptInputs:
-    """Preallocated prompt inputs for ``max_batch`` rows of up to ``max_len`` decoder positions.
-
-    A call's integer inputs (positions, token ids, the patch/text layout) and flags (real
-    positions, patch positions) are computed on the host from the encoded batch and sent in one
-    asynchronous copy each from pinned memory: staging launches no kernel and never waits for the
-    device, which sits idle until the first step is launched (measured on an H200 before this:
-    1.0 ms of staging per call, ~35 launches and copies and one synchronization).
-    """
+    """Preallocated prompt inputs for ``max_batch`` rows of up to ``max_len`` decoder positions."""
 
     def __init__(self, adapter: ModelAdapter, *, max_batch: int, max_len: int, n_patches: int,
                  multimodal: bool, dtype: torch.dtype, device: torch.device) -> None:
@@ -40,30 +33,26 @@ class PromptInputs:
         self.n_patches = n_patches
         long = lambda *shape: torch.zeros(*shape, dtype=torch.long, device=device)  # noqa: E731
         bm, pm = max_batch, max_len
-        # rows first, so a call's rows [:b] are one contiguous block to copy
-        self._long = long(bm, 4, pm)  # positions, token ids, text index, patch index
-        self._flags = torch.zeros(bm, 2, pm, dtype=torch.bool, device=device)  # real, patch
-        self._long_host = _host_twin(self._long)
-        self._flags_host = _host_twin(self._flags)
-        self._copied: Any = None
-        self.positions = self._long[:, 0]
-        self.valid = self._flags[:, 0]
+        self.positions = long(bm, pm)
+        self.valid = torch.zeros(bm, pm, dtype=torch.bool, device=device)
         self.roles = long(bm, pm)  # read by steered prefill steps only
         self.causal = torch.ones(pm, pm, dtype=torch.bool, device=device).tril()
         self.eye = torch.eye(pm, dtype=torch.bool, device=device)
         # the roles' host-side staging: padded in place, one asynchronous copy up (pinned on CUDA);
         # the event says when the previous copy has read it, so it is never overwritten too early
-        self._roles_host = _host_twin(self.roles)
+        self._roles_host = torch.zeros(bm, pm, dtype=torch.long)
+        if device.type == "cuda":
+            self._roles_host = self._roles_host.pin_memory()
         self._roles_copied: Any = None
         self._roles_last: tuple[tuple[int, int, int], Tensor] | None = None
         if multimodal:
-            self.text_ids = self._long[:, 1, : pm - n_patches]
-            self.text_index = self._long[:, 2]
-            self.patch_index = self._long[:, 3]
-            self.is_patch = self._flags[:, 1]
+            self.text_ids = long(bm, pm - n_patches)
+            self.text_index = long(bm, pm)
+            self.patch_index = long(bm, pm)
+            self.is_patch = torch.zeros(bm, pm, dtype=torch.bool, device=device)
             self.pixels = torch.zeros(bm, *adapter.pixel_shape, dtype=dtype, device=device)  # type: ignore[attr-defined]
         else:
-            self.ids = self._long[:, 1]
+            self.ids = long(bm, pm)
 
     def stage_roles(self, roles: Tensor, b: int, length: int, pad: int) -> None:
         """Copy the batch's roles (host) into :attr:`roles`, left-padded with PAD; nothing to do
@@ -85,40 +74,35 @@ class PromptInputs:
 
     def stage(self, batch: EncodedBatch, b: int, length: int, pad: int) -> None:
         """Copy a batch into the prompt inputs, left-padded by ``pad`` to ``length``."""
-        mask = batch.attention_mask.cpu()  # the batch's tensors live on the host; no-ops then
-        ids = batch.inputs["input_ids"].cpu()
-        if self._copied is not None:
-            self._copied.synchronize()  # the previous call's copy has read the host buffers
-        host, flags = self._long_host[:b], self._flags_host[:b]
-        flags[:, 0, :length].copy_(F.pad(mask, (pad, 0)).bool())
-        host[:, 0, :length].copy_(F.pad(batch.position_ids.cpu(), (pad, 0)))
+        dev = self.device
+        mask = batch.attention_mask.to(dev)
+        self.valid[:b, :length].copy_(F.pad(mask, (pad, 0)).bool())
+        self.positions[:b, :length].copy_(F.pad(batch.position_ids.to(dev), (pad, 0)))
         if not self.multimodal:
+            ids = batch.inputs["input_ids"].to(dev)
             if ids.shape != mask.shape:
                 raise ConfigError(f"input_ids {tuple(ids.shape)} and the attention mask {tuple(mask.shape)} differ")
-            host[:, 1, :length].copy_(F.pad(ids, (pad, 0)))
-        else:
-            text_mask = batch.inputs["attention_mask"].cpu()
-            pixels = batch.inputs.get("pixel_values")
-            if pixels is None:
-                raise ConfigError("an OpenVLA batch needs pixel_values", fix="encode requests with the adapter")
-            if ids.shape != text_mask.shape or ids.shape[1] + self.n_patches != batch.seq_len:
-                raise ConfigError(f"text ids {tuple(ids.shape)}, text mask {tuple(text_mask.shape)} and "
-                                  f"{batch.seq_len} decoder positions do not fit {self.n_patches} patches",
-                                  fix="encode requests with OpenVLAAdapter.encode / encode_tokens")
-            if tuple(pixels.shape[1:]) != tuple(self.pixels.shape[1:]):
-                raise ConfigError(f"pixel_values {tuple(pixels.shape)} do not match the model's "
-                                  f"{tuple(self.pixels.shape[1:])}", fix="use the adapter's image processor")
-            layout = MultimodalLayout.of(F.pad(text_mask, (pad, 0)), self.n_patches)
-            host[:, 1, : length - self.n_patches].copy_(F.pad(ids, (pad, 0)))
-            host[:, 2, :length].copy_(layout.text_index)
-            host[:, 3, :length].copy_(layout.patch_index)
-            flags[:, 1, :length].copy_(layout.is_patch)
-            self.pixels[:b].copy_(pixels)
-        self._long[:b].copy_(host, non_blocking=True)
-        self._flags[:b].copy_(flags, non_blocking=True)
-        if self.device.type == "cuda":
-            self._copied = torch.cuda.Event()
-            self._copied.record()
+            self.ids[:b, :length].copy_(F.pad(ids, (pad, 0)))
+            return
+        ids = batch.inputs["input_ids"].to(dev)
+        text_mask = batch.inputs["attention_mask"].to(dev)
+        pixels = batch.inputs.get("pixel_values")
+        if pixels is None:
+            raise ConfigError("an OpenVLA batch needs pixel_values", fix="encode requests with the adapter")
+        if ids.shape != text_mask.shape or ids.shape[1] + self.n_patches != batch.seq_len:
+            raise ConfigError(f"text ids {tuple(ids.shape)}, text mask {tuple(text_mask.shape)} and "
+                              f"{batch.seq_len} decoder positions do not fit {self.n_patches} patches",
+                              fix="encode requests with OpenVLAAdapter.encode / encode_tokens")
+        if tuple(pixels.shape[1:]) != tuple(self.pixels.shape[1:]):
+            raise ConfigError(f"pixel_values {tuple(pixels.shape)} do not match the model's "
+                              f"{tuple(self.pixels.shape[1:])}", fix="use the adapter's image processor")
+        text_len = length - self.n_patches
+        layout = MultimodalLayout.of(F.pad(text_mask, (pad, 0)), self.n_patches)
+        self.text_ids[:b, :text_len].copy_(F.pad(ids, (pad, 0)))
+        self.text_index[:b, :length].copy_(layout.text_index)
+        self.patch_index[:b, :length].copy_(layout.patch_index)
+        self.is_patch[:b, :length].copy_(layout.is_patch)
+        self.pixels[:b].copy_(pixels)
 
     def embed(self, embedding: nn.Module, b: int, length: int,
               image_features: Callable[[Tensor], tuple[Tensor, Tensor]] | None) -> Callable[[], Tensor]:
@@ -138,10 +122,3 @@ class PromptInputs:
             return layout.merge(embedding(text_ids), projected)
 
         return embed
-
-
-def _host_twin(t: Tensor) -> Tensor:
-    """A host tensor shaped like ``t`` to stage its values in: pinned when ``t`` is on CUDA, so
-    that the copy up can be asynchronous."""
-    host = torch.zeros(t.shape, dtype=t.dtype)
-    return host.pin_memory() if t.device.type == "cuda" else host
