@@ -14,7 +14,7 @@ from 4.80 to 4.41 ms (docs/benchmarks.md).
 the cache so that a batch-1 step runs hundreds of programs, with a fixed combine order so that it
 repeats its output bit for bit. On an H200 at OpenVLA-7b shapes (336 cache slots) it takes
 8.1 us per layer at batch 1 and 57 us at batch 32, against 23 / 105 us for SDPA's efficient
-kernel, the repeatable one the eager decode loops use (docs/bench/attention_h200.json).
+kernel, the repeatable one the eager decode loops use (docs/bench/attention_vision_h200.json).
 
 Both apply to CUDA tensors in bf16/fp16 on a Hopper GPU (compute capability 9.x, where the
 configurations were measured); everything else -- CPU, float32, other GPUs, more than one row

@@ -5,7 +5,7 @@ OpenVLA's two towers (DINOv2 and SigLIP) read their own channels of ``pixel_valu
 when their features are concatenated. At batch 1 each tower's kernels fill a fraction of an H200,
 so :class:`ConcurrentTowers` runs the second tower on a stream of its own, forked from and joined
 back into the caller's stream (inside a captured prefill graph the fork and join become graph
-edges): 3.28 -> 2.37 ms for towers and projector at batch 1 (docs/bench/attention_h200.json).
+edges): 3.28 -> 2.37 ms for towers and projector at batch 1 (docs/bench/attention_vision_h200.json).
 """
 
 from __future__ import annotations
