@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_fast_ab.sh OUT final     fast and fast-autotune only, 300 rounds at batch 1, 60 at 32
 #   bash benchmarks/gpu_fast_ab.sh OUT kernels   decode/prefill kernel microbenchmarks + hooks-vs-nnsight diagnosis
 #   bash benchmarks/gpu_fast_ab.sh OUT diagnose  the diagnosis under each suspected cause + the GEMV tile sweep
-#   bash benchmarks/gpu_fast_ab.sh OUT triton    fast (Triton GEMV) vs fast-library, b 1 and 32 (ROUNDS, ROUNDS_LARGE:
+#   bash benchmarks/gpu_fast_ab.sh OUT triton    fast (Triton kernels) vs fast-library, b 1 and 32 (ROUNDS, ROUNDS_LARGE:
 #                                                150 and 20 by default); eager and fast repeatability at batch 32
 #   bash benchmarks/gpu_fast_ab.sh OUT attention one-query attention (SDPA backends, FlexAttention, the split-KV Triton kernel)
 #                                                and the vision towers (one graph, compiled, on two streams)

@@ -141,6 +141,7 @@ class DecoderStack:
         if triton and not usable:
             raise ConfigError("the Triton GEMV needs a Hopper GPU, bf16/fp16 weights and Triton",
                               fix="leave triton_kernels unset")
+        use_triton = usable if triton is None else bool(triton)
         n_heads = int(cfg.num_attention_heads)
         n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
         head_dim = int(getattr(attn0, "head_dim", adapter.d_model // n_heads))
@@ -150,8 +151,7 @@ class DecoderStack:
             eps=float(_eps(layers[0].input_layernorm)), final_eps=float(_eps(norm)),
             scaling=float(getattr(attn0, "scaling", head_dim ** -0.5)), vocab_size=int(head_w.shape[0]),
             fused=fuse, act=layers[0].mlp.act_fn, sliding_window=int(window) if window else None,
-            triton_gemv=usable if triton is None else bool(triton),
-            triton_attention=(usable if triton is None else bool(triton)) and triton_ops.attention_applies(head_dim),
+            triton_gemv=use_triton, triton_attention=use_triton and triton_ops.attention_applies(head_dim),
         )
         self.layers: list[LayerWeights] = []
         with torch.no_grad():

@@ -151,10 +151,13 @@ def decode_attention_launch(
     """Softmax attention of ``q`` ``[b, H, 1, D]`` over ``k``/``v`` ``[b, Hkv, C, D]`` (head
     dimension contiguous) where ``valid`` ``[b, C]`` is true; ``[b, H, 1, D]`` in ``q``'s dtype.
     Every row needs at least one valid slot."""
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("decode_attention needs the head dimension of k and v contiguous")
     kern = _attention_kernels()
     bsz, n_heads, _, d = q.shape
     n_kv, c = k.shape[1], k.shape[2]
     n_blocks = -(-c // cfg.block_c)
+    valid = valid.contiguous()
     valid = valid.view(torch.uint8) if valid.dtype == torch.bool else valid
     m = torch.empty(bsz * n_heads * n_blocks, dtype=torch.float32, device=q.device)
     lsum = torch.empty_like(m)
@@ -174,9 +177,7 @@ def decode_attention_launch(
 @torch.library.custom_op("rdt_interp::decode_attention", mutates_args=())
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float) -> Tensor:
     """:func:`decode_attention_launch` with the configuration of :func:`attention_config`."""
-    if k.stride(-1) != 1 or v.stride(-1) != 1:
-        raise ValueError("decode_attention needs the head dimension of k and v contiguous")
-    return decode_attention_launch(q, k, v, valid.contiguous(), scale, attention_config(q.shape[0], q.shape[1]))
+    return decode_attention_launch(q, k, v, valid, scale, attention_config(q.shape[0], q.shape[1]))
 
 
 @decode_attention.register_fake

@@ -48,10 +48,9 @@ class ConcurrentTowers:
     def __call__(
         self, pixel_values: Float[Tensor, "batch channels h w"]
     ) -> tuple[Float[Tensor, "batch patches vision_dim"], Float[Tensor, "batch patches llm_dim"]]:
-        (first, first_channels), rest = self.towers[0], self.towers[1:]
         if not self.streams:
-            feats = [vit(pixel_values[:, channels]) for vit, channels in self.towers]
-            return self.finish(*feats)
+            return self.finish(*[vit(pixel_values[:, channels]) for vit, channels in self.towers])
+        (first, first_channels), rest = self.towers[0], self.towers[1:]
         here = torch.cuda.current_stream(pixel_values.device)
         side: list[Tensor] = []
         for (vit, channels), stream in zip(rest, self.streams, strict=True):
